@@ -1,0 +1,1 @@
+"""ONNX / INT8 / TensorRT export of a trained MSN (imports torch)."""

@@ -1,0 +1,1 @@
+"""Torch-free edge runtime: front-end, bundle format, engines, scorer, sources, monitor."""
