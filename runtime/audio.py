@@ -23,10 +23,10 @@ def read_audio(
     because silently resampled audio is a different signal than the model was trained on.
     """
     path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: no such file")
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except FileNotFoundError:
-        raise AudioError(f"{path}: no such file") from None
     except (sf.LibsndfileError, RuntimeError, ValueError) as e:
         raise AudioError(f"{path}: not readable audio ({e})") from None
     if data.shape[0] == 0:

@@ -1,0 +1,146 @@
+"""`msn-edge evaluate` (DCASE metrics of a run on a data set) and `msn-edge score` (files)."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import click
+
+from msn_edge.cli import main
+from msn_edge.cli.common import setup_logging, user_errors
+from msn_edge.runtime.errors import MsnEdgeError
+
+BUNDLE_SUFFIX = ".msn"
+
+
+@main.command("evaluate")
+@click.argument("run", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Data set root in DCASE layout: <type>/train and <type>/test.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the reports  [default: RUN/eval]",
+)
+@click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda.")
+@click.option(
+    "--refit-scoring",
+    is_flag=True,
+    help="Fit prototypes and thresholds on DATA's train split instead of using the run's.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@user_errors
+def evaluate_command(
+    run: Path, data: Path, out: Path | None, device: str, refit_scoring: bool, verbose: bool
+) -> None:
+    """Score DATA's test clips with RUN and report AUC / pAUC by the DCASE rules.
+
+    RUN is a training run folder (or a checkpoint in it). DCASE 2020 data gets AUC and
+    pAUC per machine ID and their mean; DCASE 2023 data gets AUC source / target and
+    pAUC per section and their harmonic mean. The table goes to stdout; the
+    anomaly_score_*.csv / decision_result_*.csv files, results.md / results.json and
+    roc.png go to --out.
+
+    Example:
+
+    \b
+        msn-edge evaluate runs/fan --data data/dcase2020 --out runs/fan/eval
+    """
+    setup_logging(verbose)
+    from msn_edge.evaluate import EVAL_DIR, evaluate, run_dir_of
+
+    out_dir = out or run_dir_of(run) / EVAL_DIR
+    results = evaluate(run, data, out_dir=out_dir, device=device, refit_scoring=refit_scoring)
+    click.echo(results.to_markdown(), nl=False)
+    click.echo(f"wrote scores, decisions, results.md/json and roc.png to {out_dir}", err=True)
+
+
+def is_bundle(path: Path) -> bool:
+    """A bundle is a .msn file, or any zip with a top-level manifest.json (a .pt is a zip too)."""
+    if path.suffix == BUNDLE_SUFFIX:
+        return True
+    if not (path.is_file() and zipfile.is_zipfile(path)):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return "manifest.json" in z.namelist()
+
+
+@main.command("score")
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of TSV.")
+@click.option("--group", default=None, help="Scoring group when MODEL has several, e.g. fan/id_00.")
+@click.option(
+    "--backend", default=None, help="Bundle engine: auto, cpu, cuda, ort-tensorrt, tensorrt."
+)
+@click.option("--precision", default=None, help="Bundle model precision: fp32, int8, fp16.")
+@click.option("--device", default=None, help="Torch device for a run, e.g. cuda  [default: cpu]")
+@click.option("--downmix", is_flag=True, help="Average multi-channel files to mono.")
+@click.option("--resample", is_flag=True, help="Resample files to the model's sample rate.")
+@click.pass_context
+@user_errors
+def score_command(
+    ctx: click.Context,
+    model: Path,
+    files: tuple[Path, ...],
+    as_json: bool,
+    group: str | None,
+    backend: str | None,
+    precision: str | None,
+    device: str | None,
+    downmix: bool,
+    resample: bool,
+) -> None:
+    """Print an anomaly score and verdict for each audio FILE.
+
+    MODEL is a bundle (.msn, scored with the torch-free runtime) or a training run
+    folder / checkpoint (scored with torch). One line per file:
+    path<TAB>score<TAB>normal|ANOMALY, or a JSON object with --json. A file that cannot
+    be scored gets a one-line error on stderr, the others are still scored, and the
+    exit status is 1.
+
+    Example:
+
+    \b
+        msn-edge score fan.msn recordings/*.wav
+        msn-edge score runs/fan --json clip.wav
+    """
+    if is_bundle(model):
+        if device is not None:
+            raise click.UsageError("--device is for a run; a bundle takes --backend")
+        from msn_edge.runtime.detector import Detector
+
+        scorer = Detector.open(
+            model, backend=backend or "auto", precision=precision or "fp32", group=group
+        )
+    else:
+        if backend is not None or precision is not None:
+            raise click.UsageError(
+                "--backend and --precision are for a bundle; a run takes --device"
+            )
+        from msn_edge.evaluate import RunScorer
+
+        scorer = RunScorer.open(model, group=group, device=device or "cpu")
+    failed = 0
+    for path in files:
+        try:
+            r = scorer.score_file(path, downmix=downmix, resample=resample)
+        except MsnEdgeError as e:
+            msg = str(e) if str(path) in str(e) else f"{path}: {e}"
+            click.echo(f"Error: {msg}", err=True)
+            failed += 1
+            continue
+        if as_json:
+            doc = {"path": str(path), "score": r.score, "anomalous": r.anomalous}
+            click.echo(json.dumps({**doc, "threshold": r.threshold}))
+        else:
+            click.echo(f"{path}\t{r.score:.6f}\t{'ANOMALY' if r.anomalous else 'normal'}")
+    if failed:
+        ctx.exit(1)
