@@ -1,0 +1,39 @@
+"""Helpers shared by the streaming tests: a counter signal and a recording stand-in detector."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from msn_edge.runtime.detector import Scored
+from msn_edge.runtime.frontend import FrontendConfig
+
+RATE = 16_000
+
+
+def counter(n: int, start: int = 0) -> np.ndarray:
+    """A ramp that wraps like int16: sample k holds (start + k) mod 2**16, signed."""
+    return ((np.arange(start, start + n) + 2**15) % 2**16 - 2**15).astype(np.int16)
+
+
+class Recorder:
+    """Stand-in detector that keeps every window it is given, as int16 again.
+
+    Its score is the window's mean magnitude, so verdicts follow the signal's level.
+    """
+
+    def __init__(self, window_s: float = 0.25, threshold: float = 0.5, delay_s: float = 0.0):
+        self.frontend = FrontendConfig(window_s=window_s)
+        self.threshold = threshold
+        self.backend = "recorder"
+        self.windows: list[np.ndarray] = []
+        self.delay_s = delay_s  # a slow model, to make the consumer fall behind
+
+    def score(self, window: np.ndarray) -> Scored:
+        assert window.dtype == np.float32 and window.shape == (self.frontend.window_samples,)
+        self.windows.append(np.round(window * 32768.0).astype(np.int16))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        score = float(np.abs(window).mean())
+        return Scored(score, score > self.threshold, self.threshold, 0.5, 1.5)
