@@ -1,0 +1,116 @@
+"""A bundle, an engine and a scorer put together: a window of audio in, a verdict out.
+
+This is what `msn-edge score` and the streaming monitor call; it owns no streaming state.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from msn_edge.runtime.audio import read_audio
+from msn_edge.runtime.bundle import Bundle, read_bundle
+from msn_edge.runtime.engines import Engine, make_engine
+from msn_edge.runtime.errors import AudioError, BackendError
+from msn_edge.runtime.frontend import features, fit_window
+from msn_edge.runtime.scorer import Scorer
+
+
+@dataclass(frozen=True)
+class Scored:
+    score: float  # min cosine distance to the group's prototypes, 0..2
+    anomalous: bool  # score > threshold
+    threshold: float
+    frontend_ms: float  # per window (a batch's time divided by its size)
+    inference_ms: float  # per window, engine only
+
+
+class Detector:
+    """Scores windows of exactly `frontend.window_samples` samples for one scoring group."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        engine: Engine,
+        *,
+        group: str | None = None,
+        threshold: float | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.engine = engine
+        self.frontend = bundle.frontend
+        self.group = bundle.group(group)
+        self.threshold = self.group.threshold if threshold is None else float(threshold)
+        self.scorer = Scorer(bundle.prototypes[self.group.start : self.group.stop], self.threshold)
+
+    @property
+    def backend(self) -> str:
+        return self.engine.name
+
+    def close(self) -> None:
+        """Release the engine's device resources (a no-op on the CPU)."""
+        self.engine.close()
+
+    @classmethod
+    def open(
+        cls,
+        bundle_path: str | Path,
+        *,
+        backend: str = "auto",
+        precision: str = "fp32",
+        threads: int | None = None,
+        group: str | None = None,
+        threshold: float | None = None,
+        cache_dir: Path | None = None,
+    ) -> Detector:
+        """Read and verify a bundle, start an engine for it; errors are one clear line.
+
+        `cache_dir` is where TensorRT engines are cached (default: beside the bundle).
+        """
+        bundle = read_bundle(bundle_path)
+        bundle.group(group)  # an unknown group fails before a (slow) engine build
+        engine = make_engine(
+            bundle, backend, precision=precision, threads=threads, cache_dir=cache_dir
+        )
+        return cls(bundle, engine, group=group, threshold=threshold)
+
+    def score(self, window: np.ndarray) -> Scored:
+        """One window (L,) of float audio in [-1, 1)."""
+        window = np.asarray(window)
+        if window.ndim != 1:
+            raise AudioError(f"expected one mono window (L,), got shape {window.shape}")
+        return self.score_batch(window[None])[0]
+
+    def score_batch(self, windows: np.ndarray) -> list[Scored]:
+        """Windows (B, L); timings are the batch's divided by B."""
+        windows = np.asarray(windows, dtype=np.float32)
+        if windows.ndim != 2 or windows.shape[0] == 0:
+            raise AudioError(f"expected a batch of windows (B, L), got shape {windows.shape}")
+        n = windows.shape[0]
+        t0 = time.perf_counter()
+        spec, spectrum = features(windows, self.frontend)
+        t1 = time.perf_counter()
+        emb = self.engine.embed(spec, spectrum)
+        t2 = time.perf_counter()
+        if emb.shape != (n, self.bundle.embedding_dim):
+            raise BackendError(
+                f"the model gives embeddings {emb.shape}; the bundle's prototypes expect "
+                f"({n}, {self.bundle.embedding_dim})"
+            )
+        scores = self.scorer.score(emb)
+        flags = self.scorer.verdict(scores)
+        frontend_ms, inference_ms = 1e3 * (t1 - t0) / n, 1e3 * (t2 - t1) / n
+        return [
+            Scored(float(s), bool(a), self.threshold, frontend_ms, inference_ms)
+            for s, a in zip(scores, flags, strict=True)
+        ]
+
+    def score_file(
+        self, path: str | Path, *, downmix: bool = False, resample: bool = False
+    ) -> Scored:
+        """A whole clip: tiled or truncated to one window from its start (offset 0)."""
+        wave = read_audio(path, self.frontend.sample_rate, downmix=downmix, resample=resample)
+        return self.score(fit_window(wave, self.frontend.window_samples, offset=0))

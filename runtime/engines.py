@@ -1,0 +1,284 @@
+"""Inference backends: one small class per backend, all with `embed(spec, spectrum)`.
+
+ONNX Runtime runs the bundle's ONNX on the CPU, on CUDA, or through its TensorRT execution
+provider; the native TensorRT backend (tensorrt_engine.py) builds and caches its own
+engine. GPU packages are optional: a backend that cannot run here says why and what to
+install, and `auto` takes the best one that can.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+from msn_edge.runtime.bundle import Bundle
+from msn_edge.runtime.errors import BackendError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "cpu", "cuda", "ort-tensorrt", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")
+ORT_CHAIN = ("ort-tensorrt", "cuda", "cpu")  # best first; also each EP's fallback order
+ORT_PROVIDERS = {
+    "ort-tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+TENSORRT_BACKENDS = ("ort-tensorrt", "tensorrt")  # the only ones that can run fp16
+GPU_HINT = "install msn-edge[gpu]"
+TENSORRT_HINT = "pip install msn-edge[tensorrt]"
+_ORT_LOG_ERRORS_ONLY = 3  # ORT severity: 0 verbose ... 3 error; keep stderr for our logs
+_ORT_ERRORS = (
+    ort_state.Fail,
+    ort_state.InvalidArgument,
+    ort_state.InvalidGraph,
+    ort_state.InvalidProtobuf,
+    ort_state.NoSuchFile,
+    ort_state.NotImplemented,
+    ort_state.RuntimeException,
+)
+
+
+def check_inputs(spec: np.ndarray, spectrum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Contiguous float32 spectrogram (B, F, T) and spectrum (B, S) with the same B."""
+    spec = np.ascontiguousarray(spec, dtype=np.float32)
+    spectrum = np.ascontiguousarray(spectrum, dtype=np.float32)
+    if spec.ndim != 3 or spectrum.ndim != 2 or spec.shape[0] != spectrum.shape[0]:
+        raise ValueError(
+            "expected spectrogram (B, F, T) and spectrum (B, S) with the same B, "
+            f"got {spec.shape} and {spectrum.shape}"
+        )
+    return spec, spectrum
+
+
+class Engine(ABC):
+    """Spectrogram (B, F, T) + spectrum (B, S), float32 -> embeddings (B, D), float32."""
+
+    name: str  # the backend that actually runs ("cpu", "cuda", "ort-tensorrt", "tensorrt")
+    precision: str  # "fp32" | "fp16" | "int8"
+
+    @abstractmethod
+    def embed(self, spec: np.ndarray, spectrum: np.ndarray) -> np.ndarray: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook; only device backends hold resources
+        """Release device memory and streams."""
+
+
+class OrtEngine(Engine):
+    """An ONNX Runtime session configured explicitly (providers, threads, optimisation)."""
+
+    def __init__(
+        self,
+        model_bytes: bytes,
+        *,
+        providers: list[str | tuple[str, dict]],
+        threads: int | None = None,
+        name: str,
+        precision: str = "fp32",
+    ) -> None:
+        if threads is not None and threads < 1:
+            raise BackendError(f"threads must be at least 1, got {threads}")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads or 0  # 0: ONNX Runtime uses every physical core
+        opts.inter_op_num_threads = 1  # the graph is one chain: parallelism lives inside ops
+        opts.log_severity_level = _ORT_LOG_ERRORS_ONLY
+        try:
+            self._session = ort.InferenceSession(model_bytes, opts, providers=providers)
+        except _ORT_ERRORS as e:
+            raise BackendError(f"onnxruntime cannot load the model on {name}: {e}") from None
+        self.name = name
+        self.precision = precision
+        inputs = self._session.get_inputs()
+        by_rank = {len(i.shape): i.name for i in inputs}
+        if len(inputs) != 2 or set(by_rank) != {2, 3}:
+            found = ", ".join(f"{i.name} {i.shape}" for i in inputs)
+            raise BackendError(
+                f"the model's inputs are {found}; expected a spectrogram (B, F, T) "
+                "and a spectrum (B, S)"
+            )
+        self._spec_name, self._spectrum_name = by_rank[3], by_rank[2]
+        self._output_name = self._session.get_outputs()[0].name
+
+    @property
+    def providers(self) -> list[str]:
+        """Execution providers the session really runs on, best first."""
+        return self._session.get_providers()
+
+    def embed(self, spec: np.ndarray, spectrum: np.ndarray) -> np.ndarray:
+        spec, spectrum = check_inputs(spec, spectrum)
+        feeds = {self._spec_name: spec, self._spectrum_name: spectrum}
+        try:
+            (emb,) = self._session.run([self._output_name], feeds)
+        except _ORT_ERRORS as e:
+            raise BackendError(f"inference failed on {self.name}: {e}") from None
+        return np.asarray(emb, dtype=np.float32)
+
+
+def _module_missing(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is None
+    except ModuleNotFoundError:  # a parent package is missing
+        return True
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu_missing_reason() -> str | None:
+    """None if the CUDA driver sees a GPU.
+
+    Asks the driver library (libcuda, Linux) directly through ctypes, so the answer needs
+    no GPU Python package and is the same on a Jetson and on a workstation.
+    """
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return "no NVIDIA GPU (the CUDA driver libcuda.so.1 is not installed)"
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return "no NVIDIA GPU (the CUDA driver could not initialise one)"
+    if count.value == 0:
+        return "no NVIDIA GPU (the CUDA driver found no device)"
+    return None
+
+
+def _native_tensorrt_reason() -> str | None:
+    if _module_missing("tensorrt"):
+        return f"tensorrt not installed ({TENSORRT_HINT})"
+    if _module_missing("cuda.bindings") and _module_missing("cuda.cudart"):
+        return f"cuda-python not installed ({TENSORRT_HINT})"
+    return _gpu_missing_reason()
+
+
+def _ort_reason(backend: str, providers: set[str], hint: str) -> str | None:
+    if ORT_PROVIDERS[backend] not in providers:
+        return f"onnxruntime has no {ORT_PROVIDERS[backend]} ({hint})"
+    return _gpu_missing_reason()
+
+
+def available_backends() -> dict[str, str | None]:
+    """Every backend mapped to None if it can run here, else the reason and the fix."""
+    providers = set(ort.get_available_providers())
+    ort_trt = _ort_reason("ort-tensorrt", providers, f"{GPU_HINT} and {TENSORRT_HINT}")
+    if ort_trt is None and _module_missing("tensorrt") and not ctypes.util.find_library("nvinfer"):
+        ort_trt = f"TensorRT libraries (libnvinfer) not found ({TENSORRT_HINT})"
+    return {
+        "cpu": None,
+        "cuda": _ort_reason("cuda", providers, GPU_HINT),
+        "ort-tensorrt": ort_trt,
+        "tensorrt": _native_tensorrt_reason(),
+    }
+
+
+def default_cache_dir(bundle_path: Path) -> Path:
+    """Where built TensorRT engines go: beside the bundle if writable, else the user cache."""
+    parent = Path(bundle_path).resolve().parent
+    if os.access(parent, os.W_OK):
+        return parent
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "msn-edge"
+
+
+def _pick_auto(reasons: dict[str, str | None], precision: str) -> str:
+    candidates = ("ort-tensorrt",) if precision == "fp16" else ORT_CHAIN
+    for backend in candidates:
+        if reasons[backend] is None:
+            return backend
+    why = "; ".join(f"{b}: {reasons[b]}" for b in candidates)
+    raise BackendError(f"no backend can run precision {precision} here ({why})")
+
+
+def _ort_tensorrt_options(bundle: Bundle, model: bytes, precision: str, cache_dir: Path) -> dict:
+    # ONNX Runtime names its cached engines by graph, not weights: one folder per model
+    # hash, precision and ORT version keeps a re-exported bundle from loading a stale
+    # engine. After upgrading TensorRT itself, delete the folder.
+    key = f"{precision}-{hashlib.sha256(model).hexdigest()[:16]}-ort{ort.__version__}"
+    folder = cache_dir / f"{bundle.path.name}.ort-trt" / key
+    folder.mkdir(parents=True, exist_ok=True)
+    return {
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(folder),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(folder),
+        "trt_fp16_enable": precision == "fp16",
+        # Q/DQ models carry their own scales: int8 needs no calibration table, only the flag.
+        "trt_int8_enable": precision == "int8",
+    }
+
+
+def make_engine(
+    bundle: Bundle,
+    backend: str = "auto",
+    *,
+    precision: str = "fp32",
+    threads: int | None = None,
+    cache_dir: Path | None = None,
+) -> Engine:
+    """The engine for `backend` at `precision`; BackendError with an install hint if missing.
+
+    precision "fp32" and "int8" pick the bundle's fp32 / Q/DQ model; "fp16" builds the fp32
+    model in half precision and so needs a TensorRT backend.
+    """
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
+    if precision not in PRECISIONS:
+        raise BackendError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
+    reasons = available_backends()
+    auto = backend == "auto"
+    if auto:
+        backend = _pick_auto(reasons, precision)
+    elif reasons[backend] is not None:
+        raise BackendError(f"backend '{backend}' cannot run here: {reasons[backend]}")
+    if precision == "fp16" and backend not in TENSORRT_BACKENDS:
+        raise BackendError(
+            f"precision fp16 needs a TensorRT backend ({' or '.join(TENSORRT_BACKENDS)}); "
+            f"on {backend} use fp32 or int8"
+        )
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(bundle.path)
+    if backend == "tensorrt":
+        from msn_edge.runtime.tensorrt_engine import TensorRTEngine
+
+        return TensorRTEngine.from_bundle(bundle, precision=precision, cache_dir=cache_dir)
+
+    model = bundle.model_bytes("int8" if precision == "int8" else "fp32")
+    providers: list[str | tuple[str, dict]] = []
+    for b in ORT_CHAIN[ORT_CHAIN.index(backend) :]:  # lesser EPs take the ops an EP lacks
+        if b == "ort-tensorrt":
+            options = _ort_tensorrt_options(bundle, model, precision, cache_dir)
+            log.info(
+                "onnxruntime TensorRT: engine cache in %s (the first run on a device builds "
+                "it, which takes minutes)",
+                options["trt_engine_cache_path"],
+            )
+            providers.append((ORT_PROVIDERS[b], options))
+        else:
+            providers.append(ORT_PROVIDERS[b])
+    engine = OrtEngine(
+        model, providers=providers, threads=threads, name=backend, precision=precision
+    )
+    active = engine.providers[0]
+    if active != ORT_PROVIDERS[backend]:
+        if not auto or precision == "fp16":  # fp16 only exists on TensorRT: no silent fp32
+            raise BackendError(
+                f"onnxruntime could not start {ORT_PROVIDERS[backend]} (it fell back to "
+                f"{active}); check that the CUDA, cuDNN and TensorRT libraries match "
+                "onnxruntime-gpu"
+            )
+        engine.name = next(b for b, p in ORT_PROVIDERS.items() if p == active)
+    log.info(
+        "inference backend: %s (onnxruntime %s, %s)%s",
+        engine.name,
+        active,
+        precision,
+        " picked by auto" if auto else "",
+    )
+    return engine

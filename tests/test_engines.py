@@ -1,0 +1,280 @@
+"""Inference backends: real ONNX Runtime sessions against the toy graph's numpy twin,
+backend discovery and its error messages, and the TensorRT engine cache logic."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+from toy_bundle import ToyModel, anomalous_signal, make_toy_bundle, normal_signal
+
+from msn_edge.runtime import engines
+from msn_edge.runtime import tensorrt_engine as trt_engine
+from msn_edge.runtime.bundle import read_bundle
+from msn_edge.runtime.engines import OrtEngine, available_backends, make_engine
+from msn_edge.runtime.errors import BackendError, BundleError
+from msn_edge.runtime.frontend import features
+from msn_edge.runtime.tensorrt_engine import (
+    EngineKey,
+    cache_path,
+    engine_cache_key,
+    load_cached_engine,
+    precision_plan,
+    save_cached_engine,
+    sidecar_path,
+)
+
+NOTHING_INSTALLED = {
+    "cpu": None,
+    "cuda": "onnxruntime has no CUDAExecutionProvider (install msn-edge[gpu])",
+    "ort-tensorrt": "onnxruntime has no TensorrtExecutionProvider (install msn-edge[gpu] and "
+    "pip install msn-edge[tensorrt])",
+    "tensorrt": "tensorrt not installed (pip install msn-edge[tensorrt])",
+}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return read_bundle(make_toy_bundle(tmp_path_factory.mktemp("b") / "toy.msn", int8=True))
+
+
+@pytest.fixture(scope="module")
+def batch(toy):
+    rng = np.random.default_rng(11)
+    waves = [normal_signal(toy.frontend, rng) for _ in range(3)]
+    waves += [anomalous_signal(toy.frontend, rng) for _ in range(2)]
+    return features(np.stack(waves), toy.frontend)
+
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    """This machine as if no GPU package were installed, whatever is really there."""
+    monkeypatch.setattr(engines.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr(engines, "_module_missing", lambda name: True)
+
+
+def test_ort_cpu_embeddings_equal_reference_math(toy, batch):
+    engine = OrtEngine(toy.model_bytes(), providers=["CPUExecutionProvider"], threads=1, name="cpu")
+    reference = ToyModel.random(toy.frontend, dim=toy.embedding_dim, seed=0).embed(*batch)
+    emb = engine.embed(*batch)
+    assert emb.dtype == np.float32 and emb.shape == (5, 32)
+    np.testing.assert_allclose(emb, reference, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    one = engine.embed(batch[0][:1], batch[1][:1])  # the batch dimension is dynamic
+    np.testing.assert_allclose(one, reference[:1], rtol=1e-4, atol=1e-5)
+    assert engine._session.get_session_options().intra_op_num_threads == 1
+    assert engine.providers == ["CPUExecutionProvider"]
+
+
+def test_ort_input_names_come_from_the_session(toy, batch):
+    model = onnx.load_from_string(toy.model_bytes())
+    rename = {"spectrogram": "stft_mag", "spectrum": "fft_mag"}
+    for node in model.graph.node:
+        node.input[:] = [rename.get(n, n) for n in node.input]
+    for inp in model.graph.input:
+        inp.name = rename[inp.name]
+    model.graph.input.reverse()  # and in the other order
+    engine = OrtEngine(model.SerializeToString(), providers=["CPUExecutionProvider"], name="cpu")
+    reference = OrtEngine(toy.model_bytes(), providers=["CPUExecutionProvider"], name="cpu")
+    np.testing.assert_allclose(engine.embed(*batch), reference.embed(*batch), atol=1e-6)
+
+
+def test_ort_rejects_a_model_without_the_contract_inputs():
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "other",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    with pytest.raises(BackendError, match=r"inputs are x \['b', 4\]; expected a spectrogram"):
+        OrtEngine(model.SerializeToString(), providers=["CPUExecutionProvider"], name="cpu")
+    with pytest.raises(BackendError, match="onnxruntime cannot load the model on cpu"):
+        OrtEngine(b"not onnx", providers=["CPUExecutionProvider"], name="cpu")
+
+
+def test_available_backends_reasons_without_gpu_packages(cpu_only):
+    assert available_backends() == NOTHING_INSTALLED
+
+
+def test_available_backends_reasons_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(
+        engines.ort,
+        "get_available_providers",
+        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
+    monkeypatch.setattr(engines, "_module_missing", lambda name: False)
+    monkeypatch.setattr(engines, "_gpu_missing_reason", lambda: "no NVIDIA GPU (test)")
+    assert available_backends() == {
+        "cpu": None,
+        "cuda": "no NVIDIA GPU (test)",
+        "ort-tensorrt": "no NVIDIA GPU (test)",
+        "tensorrt": "no NVIDIA GPU (test)",
+    }
+    monkeypatch.setattr(engines, "_gpu_missing_reason", lambda: None)
+    assert set(available_backends().values()) == {None}
+
+
+def test_make_engine_missing_backends_say_what_to_install(toy, cpu_only):
+    with pytest.raises(
+        BackendError, match=r"backend 'cuda' cannot run here: .*install msn-edge\[gpu\]"
+    ):
+        make_engine(toy, "cuda")
+    with pytest.raises(
+        BackendError, match=r"'tensorrt' cannot run here: tensorrt not installed \(pip"
+    ):
+        make_engine(toy, "tensorrt")
+    with pytest.raises(BackendError, match=r"unknown backend 'tpu' \(choose from auto, cpu, cuda"):
+        make_engine(toy, "tpu")
+    with pytest.raises(BackendError, match=r"unknown precision 'fp8'"):
+        make_engine(toy, "cpu", precision="fp8")
+    with pytest.raises(BackendError, match="precision fp16 needs a TensorRT backend"):
+        make_engine(toy, "cpu", precision="fp16")
+    with pytest.raises(BackendError, match="no backend can run precision fp16 here"):
+        make_engine(toy, "auto", precision="fp16")
+
+
+def test_make_engine_auto_picks_cpu_and_logs_it(toy, batch, cpu_only, caplog):
+    with caplog.at_level(logging.INFO, logger="msn_edge.runtime.engines"):
+        engine = make_engine(toy, threads=1)
+    assert (engine.name, engine.precision) == ("cpu", "fp32")
+    assert (
+        "inference backend: cpu (onnxruntime CPUExecutionProvider, fp32) picked by auto"
+        in caplog.text
+    )
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_explicit_gpu_backend_that_falls_back_is_an_error(toy, monkeypatch):
+    """ONNX Runtime quietly runs on the CPU when an EP cannot start; msn-edge says so."""
+    if "CUDAExecutionProvider" in engines.ort.get_available_providers():
+        pytest.skip("onnxruntime here has a CUDA EP: the fallback cannot be provoked")
+    said_ok = {"cpu": None, "cuda": None, "ort-tensorrt": "test", "tensorrt": "test"}
+    monkeypatch.setattr(engines, "available_backends", lambda: said_ok)
+    with pytest.raises(BackendError, match=r"could not start CUDAExecutionProvider \(it fell back"):
+        make_engine(toy, "cuda")
+    assert make_engine(toy, "auto").name == "cpu"  # auto reports what really runs
+
+
+def test_int8_precision(toy, batch, tmp_path):
+    fp32 = make_engine(toy, "cpu").embed(*batch)
+    engine = make_engine(toy, "cpu", precision="int8")
+    assert engine.precision == "int8"
+    int8 = engine.embed(*batch)
+    assert not np.array_equal(int8, fp32)  # really the quantised graph
+    np.testing.assert_array_less(0.99, np.sum(int8 * fp32, axis=1))  # cosine to fp32
+    plain = read_bundle(make_toy_bundle(tmp_path / "plain.msn"))
+    with pytest.raises(BundleError, match=r"plain\.msn: the bundle has no int8 model"):
+        make_engine(plain, "cpu", precision="int8")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "ort-tensorrt", "tensorrt"])
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_gpu_backend_matches_cpu(toy, batch, backend, precision, tmp_path):
+    reason = available_backends()[backend]
+    if reason:
+        pytest.skip(f"{backend}: {reason}")
+    want = make_engine(toy, "cpu", precision=precision).embed(*batch)
+    engine = make_engine(toy, backend, precision=precision, cache_dir=tmp_path)
+    try:
+        got = engine.embed(*batch)
+    finally:
+        engine.close()
+    assert engine.name == backend
+    np.testing.assert_array_less(0.999, np.sum(got * want, axis=1))
+
+
+# TensorRT cache: plain Python, no TensorRT needed.
+KEY = EngineKey("10.9.0", "Orin sm_87", "fp16", "ab" * 32, 8)
+
+
+def test_engine_key_changes_with_every_field():
+    key = engine_cache_key(b"onnx", "fp16", tensorrt_version="10.9.0", gpu="Orin sm_87")
+    assert key == EngineKey("10.9.0", "Orin sm_87", "fp16", hashlib.sha256(b"onnx").hexdigest(), 8)
+    digests = {KEY.digest}
+    for name, value in [
+        ("tensorrt_version", "10.9.1"),
+        ("gpu", "NVIDIA H100 sm_90"),
+        ("precision", "fp32"),
+        ("onnx_sha256", "cd" * 32),
+        ("max_batch", 16),
+    ]:
+        digests.add(dataclasses.replace(KEY, **{name: value}).digest)
+    assert len(digests) == 6 and all(len(d) == 16 for d in digests)
+    path = cache_path(Path("/cache"), "fan.msn", KEY)
+    assert path == Path(f"/cache/fan.msn.fp16.{KEY.digest}.engine")
+    assert sidecar_path(path).name == f"fan.msn.fp16.{KEY.digest}.engine.json"
+
+
+def test_cached_engine_loads_only_when_everything_matches(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="msn_edge.runtime.tensorrt_engine")
+    path = cache_path(tmp_path, "fan.msn", KEY)
+    assert load_cached_engine(path, KEY) is None  # nothing cached yet
+    save_cached_engine(path, KEY, b"plan-bytes")
+    assert load_cached_engine(path, KEY) == b"plan-bytes"
+
+    other_gpu = dataclasses.replace(KEY, gpu="NVIDIA H100 sm_90")
+    assert load_cached_engine(path, other_gpu) is None  # same file name forced: still refused
+    assert "cache built for another gpu" in caplog.text
+
+    path.write_bytes(b"plan-bytes, damaged")
+    assert load_cached_engine(path, KEY) is None
+    assert "does not match its sidecar" in caplog.text
+
+    path.write_bytes(b"plan-bytes")
+    sidecar_path(path).write_text("{broken")
+    assert load_cached_engine(path, KEY) is None
+    sidecar_path(path).unlink()
+    assert load_cached_engine(path, KEY) is None
+
+
+def test_load_or_build_rebuilds_a_mismatched_cache(tmp_path, monkeypatch):
+    fake_trt = SimpleNamespace(__version__="10.9.0")
+    builds = []
+
+    def fake_build(onnx_bytes, precision, *, max_batch):
+        builds.append((fake_trt.__version__, precision))
+        return f"plan for {fake_trt.__version__}".encode()
+
+    monkeypatch.setattr(trt_engine, "_import_tensorrt", lambda: fake_trt)
+    monkeypatch.setattr(trt_engine, "gpu_name", lambda: "Orin sm_87")
+    monkeypatch.setattr(trt_engine, "build_engine", fake_build)
+
+    def load() -> bytes:
+        return trt_engine.load_or_build_engine(b"onnx", "fp16", cache_dir=tmp_path, stem="fan.msn")
+
+    assert load() == b"plan for 10.9.0"
+    assert load() == b"plan for 10.9.0"
+    assert builds == [("10.9.0", "fp16")]  # the second run came from the cache
+    fake_trt.__version__ = "10.10.0"  # TensorRT upgraded on the box
+    assert load() == b"plan for 10.10.0"
+    assert builds == [("10.9.0", "fp16"), ("10.10.0", "fp16")]
+    assert len(list(tmp_path.glob("fan.msn.fp16.*.engine"))) == 2
+
+
+def test_precision_plan_for_tensorrt_10_and_11():
+    assert precision_plan("fp32", weak_typing=True) == trt_engine.BuildPlan(True, ())
+    assert precision_plan("fp16", weak_typing=True) == trt_engine.BuildPlan(False, ("FP16",))
+    assert precision_plan("int8", weak_typing=True) == trt_engine.BuildPlan(False, ("INT8",))
+    assert precision_plan("fp32", weak_typing=False) == trt_engine.BuildPlan(True, ())
+    assert precision_plan("int8", weak_typing=False) == trt_engine.BuildPlan(True, ())
+    with pytest.raises(BackendError, match=r"TensorRT >= 11 .* fp16 ONNX model"):
+        precision_plan("fp16", weak_typing=False)
+
+
+def test_native_tensorrt_without_the_package(toy, monkeypatch):
+    if not engines._module_missing("tensorrt"):
+        pytest.skip("tensorrt is installed here")
+    with pytest.raises(
+        BackendError, match=r"tensorrt not installed \(pip install msn-edge\[tensorrt\]\)"
+    ):
+        trt_engine.TensorRTEngine.from_bundle(toy)
