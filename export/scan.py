@@ -1,0 +1,123 @@
+"""The MSN rewritten for export: the scanning loop becomes a few strided gathers per box.
+
+Training cuts each box into N = N_f x N_t patches with unfold views and indexing, which
+exports to thousands of nodes or to per-element index tables. Here the patches of all
+boxes come from two gathers along whole axes, with index vectors computed once from
+the box geometry (`box_starts`, the same function training uses):
+
+1. per box height h: gather the N_f frequency runs [f_i, f_i + h) of the spectrogram
+   (rows of T contiguous floats) and transpose once to (B, N_f, T, h);
+2. per box: gather the N_t time runs [t_j, t_j + w) along the T axis, each a contiguous
+   run of h floats, which gives (B, N_f, N_t * w, h), already the stacked patch tensor
+   (B, N, w, h) in training's frequency-major patch order, with no further copy.
+
+The patches come out transposed, (w, h) instead of (h, w), so the shared patch encoder's
+kernels are transposed once here instead of transposing the data per box; every op after
+the stem is symmetric in the two spatial axes (square max-pools, stats-pooling over both).
+
+Layouts measured on the dcase2020 scanning branch, ONNX Runtime CPU, 2 threads (scan
+branch alone, this 2-core AMD EPYC; see the export report for the whole model):
+  unfold + index (training code exported as is): ~2000 ms, Transpose of patches dominates;
+  (T, F) spectrogram, per box gather time rows, N_f slices + concat:      ~156 ms;
+  gather to (B, N_t, w, N_f, h) and a Conv3d stem over (w, N_f, h):      ~106 ms
+      (no patch copy, but ONNX Runtime's generic 3-D convolution is 2x slower);
+  this layout (two gathers, Conv2d stem in ONNX Runtime's blocked NCHWc kernels): ~93 ms.
+A dilated-convolution layout that reads overlapping boxes without gathering them was no
+faster: its input must carry three time-shifted copies, as large as the patches for
+narrow boxes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from msn_edge.model import MSN, ScanningBranch
+
+
+def _transpose_convs(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose 2-D convolutions work on spatially transposed input."""
+    module = copy.deepcopy(module)
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            m.weight = nn.Parameter(m.weight.detach().transpose(2, 3).contiguous())
+            m.kernel_size = m.kernel_size[::-1]
+            m.stride = m.stride[::-1]
+            m.padding = m.padding[::-1]
+            m.dilation = m.dilation[::-1]
+        elif isinstance(m, nn.MaxPool2d | nn.AvgPool2d):
+            for name in ("kernel_size", "stride", "padding", "dilation"):
+                value = getattr(m, name, None)
+                if isinstance(value, tuple):
+                    setattr(m, name, value[::-1])
+    return module
+
+
+def _runs(starts: list[int], length: int) -> torch.Tensor:
+    """Index vector of the runs [s, s + length) for every start s, concatenated."""
+    return torch.tensor([s + k for s in starts for k in range(length)], dtype=torch.long)
+
+
+class ExportScan(nn.Module):
+    """ScanningBranch with the same weights, as per-axis gathers plus the shared encoder."""
+
+    def __init__(self, branch: ScanningBranch):
+        super().__init__()
+        self.boxes = list(branch.boxes)
+        self.n_freq_positions = len(branch.starts[0][0])
+        self.n_time_positions = len(branch.starts[0][1])
+        # Index vectors: one per box height (frequency runs) and per box width (time runs).
+        # Box starts depend only on (axis size, box side, count), so boxes share them.
+        self.heights = sorted({h for h, _ in self.boxes})
+        freq_starts, time_starts = {}, {}
+        for (h, w), (f_starts, t_starts) in zip(self.boxes, branch.starts, strict=True):
+            freq_starts[h], time_starts[w] = f_starts, t_starts
+        for h, starts in freq_starts.items():
+            self.register_buffer(f"freq_idx_{h}", _runs(starts, h), persistent=False)
+        for w, starts in time_starts.items():
+            self.register_buffer(f"time_idx_{w}", _runs(starts, w), persistent=False)
+        self.encoder = _transpose_convs(branch.encoder)  # sees (w, h) patches
+        self.head = copy.deepcopy(branch.head)
+
+    def _freq_runs(self, spec: torch.Tensor, h: int) -> torch.Tensor:
+        """(B, F, T) -> (B, N_f, T, h): the N_f frequency runs of height h, time-major."""
+        x = spec.index_select(1, getattr(self, f"freq_idx_{h}"))  # (B, N_f * h, T)
+        x = x.unflatten(1, (self.n_freq_positions, h))  # (B, N_f, h, T)
+        return x.transpose(2, 3)  # (B, N_f, T, h)
+
+    def forward(self, spec: torch.Tensor) -> torch.Tensor:
+        runs = {h: self._freq_runs(spec, h) for h in self.heights}
+        codes = []
+        for h, w in self.boxes:
+            x = runs[h].index_select(2, getattr(self, f"time_idx_{w}"))  # (B, N_f, N_t * w, h)
+            x = x.reshape(x.shape[0], self.n_freq_positions * self.n_time_positions, w, h)
+            codes.append(self.encoder(x))  # (B, N, w, h) -> (B, 2C)
+        return self.head(torch.cat(codes, dim=1))  # (B, branch_dim)
+
+
+class ExportableMSN(nn.Module):
+    """The whole MSN for export: same weights, gather scan, L2-normalised embedding out."""
+
+    def __init__(self, model: MSN):
+        super().__init__()
+        self.spectrogram = copy.deepcopy(model.spectrogram)
+        self.spectrum = copy.deepcopy(model.spectrum)
+        self.scanning = ExportScan(model.scanning)
+        self.fusion = copy.deepcopy(model.fusion)
+
+    @classmethod
+    def from_trained(cls, model: MSN) -> ExportableMSN:
+        """The export twin of a trained MSN (copied; `model` is left untouched), in eval mode."""
+        return cls(model).eval()
+
+    def forward(self, spectrogram: torch.Tensor, spectrum: torch.Tensor) -> torch.Tensor:
+        # Same data flow as MSN.forward, then the unit-length embedding the runtime scores.
+        spec = spectrogram - spectrogram.mean(dim=2, keepdim=True)
+        a = self.spectrogram(spec)
+        c = self.scanning(spec)
+        spec_emb = self.fusion(torch.cat([a, c], dim=1))
+        b = self.spectrum(spectrum)
+        return F.normalize(torch.cat([b, spec_emb], dim=1), dim=1)  # (B, D)

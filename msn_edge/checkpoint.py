@@ -1,0 +1,98 @@
+"""Checkpoints: a plain dict of tensors and JSON-like values, loadable with weights_only=True.
+
+Keys: format, msn_edge_version, config (Config.to_dict()), model (state dict of the
+unwrapped MSN, so no loader strips prefixes), head (the Sub-cluster AdaCos weights and
+scale, needed to resume), optimizer (RUN/checkpoint.pt only), epoch (completed epochs),
+classes (names in label order), auxiliary (the auxiliary classes added, or None), data
+(roots, n_clips, groups), rng (torch CPU RNG state, for resume).
+
+Run folder: RUN/checkpoint.pt is the latest full checkpoint; RUN/epochs/epoch_NNN.pt keep
+every epoch's weights (without the optimizer, which would triple their size).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from msn_edge.config import Config
+from msn_edge.model import MSN
+from msn_edge.runtime.errors import MsnEdgeError
+from msn_edge.runtime.version import __version__
+
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_FILE = "checkpoint.pt"
+EPOCHS_DIR = "epochs"
+REQUIRED_KEYS = ("format", "config", "model", "epoch", "classes")
+
+
+class CheckpointError(MsnEdgeError):
+    """A checkpoint that is missing, unreadable, of another format, or of another run."""
+
+
+@dataclass
+class LoadedRun:
+    config: Config
+    model: MSN  # in eval mode
+    classes: list[str]
+    meta: dict  # every other key of the checkpoint (epoch, auxiliary, data, ...)
+
+
+def epoch_path(run_dir: Path, epoch: int) -> Path:
+    return run_dir / EPOCHS_DIR / f"epoch_{epoch:03d}.pt"
+
+
+def save_checkpoint(path: str | Path, state: dict) -> Path:
+    """Write atomically (temp file, then rename): a crash or Ctrl-C never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"format": CHECKPOINT_FORMAT, "msn_edge_version": __version__, **state}
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"checkpoint state lacks {missing}")
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_checkpoint(run_or_path: str | Path, map_location: str = "cpu") -> dict:
+    """The raw checkpoint dict of RUN (its checkpoint.pt) or of a .pt file."""
+    path = Path(run_or_path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint there (train writes RUN/{CHECKPOINT_FILE})")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt or unsafe files
+        raise CheckpointError(f"{path}: not a readable msn-edge checkpoint ({e})") from None
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+        raise CheckpointError(f"{path}: not an msn-edge checkpoint (keys missing)")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path}: checkpoint format {state['format']}, this msn-edge reads {CHECKPOINT_FORMAT}"
+        )
+    return state
+
+
+def load_checkpoint(run_or_path: str | Path, map_location: str = "cpu") -> LoadedRun:
+    """The trained MSN of a run folder or checkpoint file, with its config and classes."""
+    state = read_checkpoint(run_or_path, map_location)
+    try:
+        config = Config.from_dict(state["config"])
+        model = MSN(config.model)
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{run_or_path}: checkpoint does not match its config ({e})"
+        ) from None
+    model.eval()
+    meta = {k: v for k, v in state.items() if k not in ("config", "model", "classes")}
+    return LoadedRun(config, model, list(state["classes"]), meta)

@@ -1,0 +1,82 @@
+"""`msn-edge export`: a training run -> one bundle file (a thin layer over export.pack)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from msn_edge.cli import main
+from msn_edge.cli.common import setup_logging, user_errors
+
+FORMATS = ("onnx", "engine")  # export.pack.FORMATS; repeated so --help needs no torch
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@main.command("export")
+@click.argument("run", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Bundle file to write, e.g. fan.msn.",
+)
+@click.option(
+    "--int8",
+    is_flag=True,
+    help="Also a static int8 (Q/DQ) model, calibrated on the run's normal training clips.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="onnx",
+    show_default=True,
+    help="engine: also build and cache a TensorRT engine (run this on the target device).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default=None,
+    help="TensorRT engine precision (with --format engine)  [default: fp32]",
+)
+@click.option(
+    "--eval-data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Data set whose test clips give AUC/pAUC of the fp32 (and int8) model.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="ONNX Runtime CPU threads  [default: all cores]",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@user_errors
+def export_command(run, out, int8, fmt, precision, eval_data, threads, verbose) -> None:
+    """Export the trained model of RUN (a run folder or checkpoint) to a bundle file.
+
+    The bundle holds the ONNX model (the scan rewritten as a few gathers per box, batch
+    dimension dynamic), optionally its int8 twin, the run's prototypes and thresholds
+    and the front-end settings. Every export checks ONNX Runtime against PyTorch and
+    writes nothing if they differ. The export report is printed as a table (and kept
+    in the bundle).
+
+    Example:
+
+    \b
+        msn-edge export runs/fan -o fan.msn
+        msn-edge export runs/fan -o fan.msn --int8 --eval-data data/fan
+        msn-edge export runs/fan -o fan.msn --format engine --precision fp16
+    """
+    setup_logging(verbose)
+    from msn_edge.export.pack import ExportOptions, export_bundle
+
+    options = ExportOptions(
+        int8=int8, format=fmt, precision=precision, eval_data=eval_data, threads=threads
+    )
+    report = export_bundle(run, out, options)
+    click.echo(report.to_markdown(), nl=False)

@@ -1,0 +1,184 @@
+"""`msn-edge train` and `msn-edge info`: thin layers over msn_edge.training and the model."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+from msn_edge.cli import main
+from msn_edge.cli.common import setup_logging, user_errors
+from msn_edge.config import PRESETS
+
+AUX_CHOICES = ("both", "transforms", "synth", "none")
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+
+@main.command()
+@click.argument(
+    "data", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
+)
+@click.option(
+    "-o",
+    "--output",
+    "run_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run folder: checkpoints, log, prototypes.",
+)
+@click.option(
+    "--preset",
+    "preset_name",
+    type=click.Choice(list(PRESETS)),
+    default="dcase2020",
+    show_default=True,
+    help="Model and front-end size.",
+)
+@click.option(
+    "--epochs", type=click.IntRange(min=1), default=None, help="Epochs  [default: the preset's]"
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Global batch size  [default: the preset's]",
+)
+@click.option("--seed", type=int, default=None, help="Random seed  [default: the preset's]")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="DataLoader processes computing the front-end  [default: the preset's]",
+)
+@click.option(
+    "--resume", is_flag=True, help="Continue RUN/checkpoint.pt (same config and classes)."
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default=None,
+    help="Training device  [default: cuda if present]",
+)
+@click.option(
+    "--aux",
+    type=click.Choice(AUX_CHOICES),
+    default="both",
+    show_default=True,
+    help="Auxiliary classes added when the data has fewer than two classes; none = error.",
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
+@user_errors
+def train(
+    data, run_dir, preset_name, epochs, batch_size, seed, workers, resume, device, aux, no_progress
+):
+    """Train an MSN on the normal training clips of DATA (one or more data sets, jointly).
+
+    Writes RUN/checkpoint.pt after every epoch (RUN/epochs/ keeps each epoch's weights),
+    RUN/train_log.jsonl, and when done the scoring prototypes and thresholds. Ctrl-C
+    stops cleanly and keeps the last complete checkpoint; --resume continues it. Under
+    torchrun it trains with DistributedDataParallel.
+
+    Example:
+
+    \b
+        msn-edge train data/fan data/pump -o runs/fan --preset tiny --epochs 20
+        torchrun --nproc_per_node 2 --no-python msn-edge train data/fan -o runs/fan
+    """
+    setup_logging()
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 alone reports
+        logging.getLogger().setLevel(logging.ERROR)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from msn_edge.config import preset
+    from msn_edge.training import train as run_training
+
+    config = preset(preset_name)
+    overrides = {"epochs": epochs, "batch_size": batch_size, "seed": seed, "num_workers": workers}
+    config = replace(
+        config, train=replace(config.train, **{k: v for k, v in overrides.items() if v is not None})
+    )
+    try:
+        with logging_redirect_tqdm():  # log lines do not break the progress bar
+            result = run_training(
+                list(data),
+                run_dir,
+                config,
+                resume=resume,
+                device=device,
+                progress=not no_progress,
+                aux=aux,
+            )
+    except KeyboardInterrupt:  # train() catches it once training runs: this is before
+        click.echo("Interrupted before training started; nothing new was written.", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    if result.interrupted:
+        where = f"{result.checkpoint} (epoch {result.epoch})" if result.checkpoint else "none"
+        click.echo(
+            f"Interrupted; last complete checkpoint: {where}. Continue with --resume.", err=True
+        )
+        sys.exit(EXIT_INTERRUPTED)
+    logging.getLogger(__name__).info("trained %d epochs; run in %s", result.epoch, run_dir)
+
+
+@main.command()
+@click.option(
+    "--preset",
+    "preset_name",
+    type=click.Choice(list(PRESETS)),
+    default="dcase2020",
+    show_default=True,
+)
+def info(preset_name):
+    """Parameters and multiply-accumulates per window of a preset's MSN, per branch.
+
+    Example:
+
+        msn-edge info --preset tiny
+    """
+    from msn_edge.config import preset
+    from msn_edge.model import MSN, count_macs
+
+    config = preset(preset_name)
+    model = MSN(config.model)
+    fe = config.frontend
+    click.echo(
+        f"preset {preset_name}: {fe.window_s:g} s window, spectrogram {fe.n_freq}x{fe.n_frames}, "
+        f"spectrum {fe.spectrum_bins} bins, embedding {config.model.embedding_dim}"
+    )
+    click.echo(f"{'part':<12} {'params':>12} {'MACs':>16}")
+    macs = _macs_by_branch(model)
+    for name, module in model.named_children():
+        params = sum(p.numel() for p in module.parameters())
+        click.echo(f"{name:<12} {params:>12,} {macs[name]:>16,}")
+    total = sum(p.numel() for p in model.parameters())
+    click.echo(f"{'total':<12} {total:>12,} {count_macs(model):>16,}")
+
+
+def _macs_by_branch(model) -> dict[str, int]:
+    """count_macs's rule (conv: taps x outputs, linear: inputs x outputs) per top-level part."""
+    import torch
+    from torch import nn
+
+    totals: dict[str, int] = {}
+    handles = []
+    for name, branch in model.named_children():
+        totals[name] = 0
+
+        def hook(module, _inp, out, name=name):
+            if isinstance(module, nn.Conv2d | nn.Conv1d):
+                totals[name] += module.weight[0].numel() * out.numel()
+            elif isinstance(module, nn.Linear):
+                totals[name] += module.in_features * out.numel()
+
+        handles += [m.register_forward_hook(hook) for m in branch.modules()]
+    cfg = model.cfg
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, cfg.n_freq, cfg.n_frames), torch.zeros(1, cfg.spectrum_bins))
+    for h in handles:
+        h.remove()
+    return totals

@@ -1,0 +1,487 @@
+"""Training MSN with Sub-cluster AdaCos, mixup and label smoothing (spec §3).
+
+One function runs on one device and, unchanged, under torchrun with
+DistributedDataParallel (nanoGPT style: RANK/WORLD_SIZE/LOCAL_RANK from the environment;
+only rank 0 shows progress, logs and saves):
+
+    msn-edge train data/fan -o runs/fan
+    torchrun --nproc_per_node 4 --no-python msn-edge train data/fan -o runs/fan
+
+The batch size is global: each of W processes takes batch_size / W clips per step.
+Every random choice of a clip (offset, mixup partner and λ, smoothing factor) is drawn
+from a generator seeded by (seed, epoch, clip index), and the order from the sampler's
+(seed, epoch): a run is the same with any number of DataLoader workers, and a resumed
+run continues exactly where the interrupted one would have gone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from msn_edge import prototypes
+from msn_edge.auxiliary import ClassPlan, build_classes
+from msn_edge.checkpoint import (
+    CHECKPOINT_FILE,
+    CheckpointError,
+    epoch_path,
+    read_checkpoint,
+    save_checkpoint,
+)
+from msn_edge.config import Config, TrainConfig
+from msn_edge.datasets import Clip, load_wave, scan
+from msn_edge.loss import SubClusterAdaCos
+from msn_edge.model import MSN
+from msn_edge.runtime.errors import BackendError, DatasetError, MsnEdgeError
+from msn_edge.runtime.frontend import FrontendConfig, features, fit_window
+
+log = logging.getLogger(__name__)
+
+LOG_FILE = "train_log.jsonl"
+MIN_BATCH = 2  # clips per step and process: BatchNorm cannot train on one
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path | None  # the last complete checkpoint (None if none was written)
+    epoch: int  # completed epochs
+    classes: list[str]
+    auxiliary: dict | None
+    losses: list[float] = field(default_factory=list)  # mean loss of each epoch run now
+    interrupted: bool = False  # Ctrl-C / SIGTERM: stopped, the last checkpoint kept
+    scoring_fitted: bool = False
+    model: MSN | None = None  # the trained network, unwrapped, on the training device
+
+
+class MixupSet(Dataset):
+    """Waveforms in memory -> (spectrogram, spectrum, soft target), mixed or smoothed.
+
+    A share `mixup_prob` of clips is mixed at the waveform level with a random partner
+    (any class): λ·a + (1−λ)·b, λ ~ Beta(α, α), target λ·y_a + (1−λ)·y_b. The rest get
+    label smoothing (1−ε)·y + ε/C with ε ~ U(0, label_smoothing_max). The numpy
+    front-end runs here, in the DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        waves: Sequence[np.ndarray],
+        labels: Sequence[int],
+        n_classes: int,
+        frontend: FrontendConfig,
+        train: TrainConfig,
+    ):
+        self.waves = list(waves)
+        self.labels = np.asarray(labels)
+        self.n_classes = n_classes
+        self.frontend = frontend
+        self.train = train
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.waves)
+
+    def _window(self, i: int, rng: np.random.Generator) -> np.ndarray:
+        wave = self.waves[i]
+        offset = int(rng.integers(wave.size)) if self.train.random_offset else 0
+        return fit_window(wave, self.frontend.window_samples, offset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng((self.train.seed, self.epoch, i))
+        target = np.zeros(self.n_classes, dtype=np.float32)
+        window = self._window(i, rng)
+        if rng.random() < self.train.mixup_prob:
+            j = int(rng.integers(len(self)))
+            lam = rng.beta(self.train.mixup_alpha, self.train.mixup_alpha)
+            window = lam * window + (1 - lam) * self._window(j, rng)
+            target[self.labels[i]] += lam
+            target[self.labels[j]] += 1 - lam
+        else:
+            eps = rng.uniform(0, self.train.label_smoothing_max)
+            target += eps / self.n_classes
+            target[self.labels[i]] += 1 - eps
+        spec, spectrum = features(window.astype(np.float32), self.frontend)
+        return torch.from_numpy(spec), torch.from_numpy(spectrum), torch.from_numpy(target)
+
+
+class Classifier(nn.Module):
+    """MSN and its loss head as one module, so that DDP synchronises both."""
+
+    def __init__(self, msn: MSN, head: SubClusterAdaCos):
+        super().__init__()
+        self.msn = msn
+        self.head = head
+
+    def forward(self, spec: torch.Tensor, spectrum: torch.Tensor, target: torch.Tensor):
+        emb = self.msn(spec, spectrum)  # (B, D), under autocast when enabled
+        with torch.autocast(emb.device.type, enabled=False):
+            return self.head(emb.float(), target)  # the loss in float32
+
+
+class Stepper:
+    """One optimisation step; mixed precision on CUDA when `amp` (bf16 where the GPU has
+    it, else fp16 with loss scaling), plain float32 on the CPU."""
+
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, dev: torch.device, amp: bool
+    ):
+        self.model, self.optimizer = model, optimizer
+        use_amp = amp and dev.type == "cuda"
+        bf16 = use_amp and torch.cuda.is_bf16_supported()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not bf16)
+        dtype = torch.bfloat16 if bf16 else torch.float16
+        self.autocast = torch.autocast("cuda", dtype=dtype) if use_amp else nullcontext()
+
+    def __call__(
+        self, spec: torch.Tensor, spectrum: torch.Tensor, target: torch.Tensor
+    ) -> torch.Tensor:
+        """The batch's loss (detached), after the update."""
+        with self.autocast:
+            loss = self.model(spec, spectrum, target)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach()
+
+
+@dataclass(frozen=True)
+class _Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _dist_from_env() -> _Dist:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _Dist()
+    return _Dist(
+        int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    )
+
+
+def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
+    """cuda when present (or asked for), else cpu; under torchrun, this process's GPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise BackendError(f"unknown training device {device!r}; use cpu or cuda")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise BackendError("--device cuda: this torch build sees no CUDA GPU")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def training_clips(roots: Sequence[Path]) -> list[Clip]:
+    """The split=="train", label=="normal" clips of every root (what MSN learns from)."""
+    clips = []
+    for root in roots:
+        found = [c for c in scan(Path(root), split="train") if c.label == "normal"]
+        if not found:
+            raise DatasetError(f"{root}: no normal training clips found")
+        clips += found
+    return clips
+
+
+def _load_waves(clips: Sequence[Clip], frontend: FrontendConfig, progress: bool) -> list:
+    """Every clip decoded once and kept in memory (a 10 s clip is 640 KB)."""
+    bar = tqdm(clips, desc="reading audio", unit="clip", disable=not progress, leave=False)
+    return [load_wave(c, frontend) for c in bar]
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (e.g. from a scheduler) stops training the way Ctrl-C does."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done, then stop as usual."""
+    received = []
+
+    def note(signum, frame):
+        received.append(signum)
+
+    try:
+        previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def _quiet_unless(main: bool) -> Iterator[None]:
+    """Only rank 0 logs: the other ranks' msn_edge loggers show errors only."""
+    logger = logging.getLogger("msn_edge")
+    level = logger.level
+    if not main:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _config_diff(a: Config, b: Config) -> list[str]:
+    """Names of the fields that differ, e.g. ["train.lr"]; epochs may change on resume."""
+    da, db = a.to_dict(), b.to_dict()
+    diff = ["preset"] if da["preset"] != db["preset"] else []
+    for section, values in da.items():
+        if isinstance(values, dict):
+            diff += [f"{section}.{k}" for k, v in values.items() if db[section][k] != v]
+    return [d for d in diff if d != "train.epochs"]
+
+
+def _check_resume(state: dict, config: Config, plan: ClassPlan, path: Path) -> None:
+    """Resuming must continue the same run: the same config (epochs aside) and classes."""
+    diff = _config_diff(Config.from_dict(state["config"]), config)
+    if diff:
+        raise CheckpointError(f"{path}: cannot resume, the config differs ({', '.join(diff)})")
+    if list(state["classes"]) != plan.classes:
+        raise CheckpointError(
+            f"{path}: cannot resume, the data has classes {plan.classes}, "
+            f"the checkpoint {list(state['classes'])}"
+        )
+
+
+def train(
+    data_roots: Sequence[Path],
+    run_dir: Path,
+    config: Config,
+    *,
+    resume: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+    aux: str = "both",
+    fit_scoring: bool = True,
+) -> TrainResult:
+    """Train MSN on the normal training clips of `data_roots`, jointly, into `run_dir`.
+
+    Writes RUN/checkpoint.pt and RUN/epochs/epoch_NNN.pt after every epoch, a line per
+    epoch to RUN/train_log.jsonl and, when done, the scoring prototypes and thresholds
+    (RUN/scoring.npz, RUN/scoring.json; real clips only, never auxiliary ones).
+    `aux` is what may be added when there are too few classes (msn_edge.auxiliary).
+    Ctrl-C or SIGTERM stops cleanly and returns with `interrupted=True`.
+    """
+    ddp = _dist_from_env()
+    dev = resolve_device(device, ddp.local_rank)
+    if ddp.world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    try:
+        with _sigterm_as_interrupt(), _quiet_unless(ddp.main):
+            run = _Run(ddp, dev, Path(run_dir), config, progress and ddp.main)
+            return run.fit(data_roots, resume=resume, aux=aux, fit_scoring=fit_scoring)
+    finally:
+        if ddp.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _Run:
+    """One training run on this process: data, model, optimizer, and the epoch loop."""
+
+    def __init__(self, ddp: _Dist, dev: torch.device, run_dir: Path, config: Config, show: bool):
+        self.ddp, self.dev, self.run_dir, self.config, self.show = ddp, dev, run_dir, config, show
+        self.ckpt_path = run_dir / CHECKPOINT_FILE
+        per_rank = config.train.batch_size // ddp.world
+        if per_rank < MIN_BATCH:
+            raise MsnEdgeError(
+                f"batch size {config.train.batch_size} over {ddp.world} processes leaves "
+                f"{per_rank} clips per step; BatchNorm needs at least {MIN_BATCH}"
+            )
+
+    def fit(self, data_roots: Sequence[Path], *, resume: bool, aux: str, fit_scoring: bool):
+        if self.ckpt_path.exists() and not resume:
+            raise CheckpointError(
+                f"{self.ckpt_path} exists; pass --resume to continue that run, "
+                "or choose another folder"
+            )
+        tc = self.config.train
+        clips = training_clips(data_roots)
+        waves = _load_waves(clips, self.config.frontend, self.show)
+        plan = build_classes(clips, waves, self.config, aux=aux)
+        log.info("%d clips, %d classes: %s", len(clips), len(plan.classes), ", ".join(plan.classes))
+        self._build(len(plan.classes))
+        start = self._restore(plan) if resume else 0
+        result = TrainResult(
+            self.run_dir,
+            self.ckpt_path if resume else None,
+            start,
+            plan.classes,
+            plan.auxiliary,
+            model=self.msn,
+        )
+        self.meta = {
+            "config": self.config.to_dict(),
+            "classes": plan.classes,
+            "auxiliary": plan.auxiliary,
+            "data": {
+                "roots": [str(r) for r in data_roots],
+                "n_clips": len(clips),
+                "groups": sorted({c.group for c in clips}),
+            },
+        }
+        dataset = MixupSet(
+            waves + plan.extra_waves,
+            plan.labels + plan.extra_labels,
+            len(plan.classes),
+            self.config.frontend,
+            tc,
+        )
+        if len(dataset) < MIN_BATCH * self.ddp.world:
+            raise DatasetError(f"{len(dataset)} training clips are too few to train on")
+        try:
+            for epoch in range(start, tc.epochs):
+                loss, record = self._epoch(dataset, epoch)
+                with _signals_deferred():  # an epoch is saved whole, or not at all
+                    if self.ddp.main:
+                        result.checkpoint = self._save(epoch + 1, record)
+                    result.losses.append(loss)
+                    result.epoch = epoch + 1
+            if fit_scoring and self.ddp.main:
+                _fit_scoring(self.msn, self.config, clips, self.run_dir, self.dev, self.show)
+                result.scoring_fitted = True
+        except KeyboardInterrupt:
+            result.interrupted = True
+            if self.ddp.main:
+                where = (
+                    f"{result.checkpoint} (epoch {result.epoch})" if result.checkpoint else "none"
+                )
+                log.warning("interrupted; last complete checkpoint: %s", where)
+        return result
+
+    def _build(self, n_classes: int) -> None:
+        tc = self.config.train
+        torch.manual_seed(tc.seed)  # the same initial weights on every rank
+        self.msn = MSN(self.config.model)
+        self.head = SubClusterAdaCos(self.config.model.embedding_dim, n_classes, tc.sub_clusters)
+        net = Classifier(self.msn, self.head).to(self.dev)
+        self.optimizer = torch.optim.Adam(net.parameters(), lr=tc.lr)
+        self.model = DistributedDataParallel(net) if self.ddp.world > 1 else net
+        self.step = Stepper(self.model, self.optimizer, self.dev, tc.amp)
+
+    def _restore(self, plan: ClassPlan) -> int:
+        """Weights, optimizer and RNG of RUN/checkpoint.pt; returns its completed epochs."""
+        state = read_checkpoint(self.ckpt_path)
+        _check_resume(state, self.config, plan, self.ckpt_path)
+        self.msn.load_state_dict(state["model"])
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        log.info("resuming %s after epoch %d", self.ckpt_path, state["epoch"])
+        return int(state["epoch"])
+
+    def _loader(self, dataset: MixupSet, epoch: int) -> DataLoader:
+        tc, ddp = self.config.train, self.ddp
+        dataset.set_epoch(epoch)
+        # Order from (seed, epoch), also with one process, so a resumed run goes on alike.
+        sampler = DistributedSampler(
+            dataset, num_replicas=ddp.world, rank=ddp.rank, shuffle=True, seed=tc.seed
+        )
+        sampler.set_epoch(epoch)
+        per_rank = tc.batch_size // ddp.world
+        return DataLoader(
+            dataset,
+            batch_size=per_rank,
+            sampler=sampler,
+            num_workers=tc.num_workers,
+            pin_memory=self.dev.type == "cuda",
+            # BatchNorm cannot train on one clip: drop a last batch of exactly one.
+            drop_last=len(sampler) % per_rank == 1,
+        )
+
+    def _epoch(self, dataset: MixupSet, epoch: int) -> tuple[float, dict]:
+        """One pass over the data; the mean loss over all ranks, and the log record."""
+        t0 = time.perf_counter()
+        self.model.train()
+        total = torch.zeros((), device=self.dev)
+        count = torch.zeros((), device=self.dev)
+        desc = f"epoch {epoch + 1}/{self.config.train.epochs}"
+        loader = self._loader(dataset, epoch)
+        bar = tqdm(loader, desc=desc, unit="batch", disable=not self.show, leave=False)
+        for batch in bar:
+            spec, spectrum, target = (x.to(self.dev, non_blocking=True) for x in batch)
+            loss = self.step(spec, spectrum, target)
+            total += loss * len(target)
+            count += len(target)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if self.ddp.world > 1:
+            dist.all_reduce(total)
+            dist.all_reduce(count)
+        mean = (total / count).item()
+        seconds = time.perf_counter() - t0
+        record = {
+            "epoch": epoch + 1,
+            "loss": mean,
+            "scale": self.head.scale.item(),
+            "seconds": round(seconds, 3),
+            "clips_per_s": round(count.item() / seconds, 2),
+        }
+        log.info("%s: loss %.4f, scale %.2f, %.1f s", desc, mean, record["scale"], seconds)
+        return mean, record
+
+    def _save(self, epoch: int, record: dict) -> Path:
+        """checkpoint.pt (with optimizer and RNG), epochs/epoch_NNN.pt (weights), the log."""
+        state = {
+            **self.meta,
+            "model": self.msn.state_dict(),
+            "head": self.head.state_dict(),
+            "epoch": epoch,
+        }
+        full = {**state, "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}
+        path = save_checkpoint(self.ckpt_path, full)
+        save_checkpoint(epoch_path(self.run_dir, epoch), state)
+        with open(self.run_dir / LOG_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        return path
+
+
+def _fit_scoring(
+    msn: MSN, config: Config, clips: Sequence[Clip], run_dir: Path, dev: torch.device, show: bool
+) -> None:
+    """Prototypes and thresholds from the real clips (auxiliary ones never take part)."""
+    scoring = prototypes.fit_scoring(msn, config, clips, device=str(dev), progress=show)
+    prototypes.save_scoring(run_dir, scoring)
+    log.info("scoring prototypes and thresholds written to %s", run_dir)
