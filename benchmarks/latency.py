@@ -132,14 +132,17 @@ def summary(report: BenchReport) -> list[str]:
                 r = rows[name]
                 lines.append(
                     f"- {name}: p50 {r.batch1.p50_ms:.1f} ms at batch 1 = "
-                    f"{r.batch1.p50_ms / limit:.2f}× that limit; batch {r.batch}: "
+                    f"{r.batch1.p50_ms / limit:.2f}× that limit (min {r.batch1.min_ms:.1f} ms "
+                    f"= {r.batch1.min_ms / limit:.2f}×); batch {r.batch}: "
                     f"{1e3 / r.throughput_n_wps:.1f} ms per window."
                 )
     if "ort-cpu-fp32" in rows and "ort-cpu-int8" in rows:
         fp32, int8 = rows["ort-cpu-fp32"], rows["ort-cpu-int8"]
         lines.append(
-            f"- int8 / fp32 (ONNX Runtime, batch 1 mean): "
-            f"{int8.batch1.mean_ms / fp32.batch1.mean_ms:.2f}"
+            f"- int8 / fp32 (ONNX Runtime, batch 1): mean "
+            f"{int8.batch1.mean_ms / fp32.batch1.mean_ms:.2f}, p50 "
+            f"{int8.batch1.p50_ms / fp32.batch1.p50_ms:.2f}, min "
+            f"{int8.batch1.min_ms / fp32.batch1.min_ms:.2f}"
         )
     if "pytorch-eager" in rows and "ort-cpu-fp32" in rows:
         eager, fp32 = rows["pytorch-eager"], rows["ort-cpu-fp32"]

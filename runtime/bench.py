@@ -39,6 +39,10 @@ THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 GEMM_SIZE = {"cpu": 2048, "gpu": 8192}  # compute-bound: 17 GFLOP (CPU), 1.1 TFLOP (GPU)
 GEMM_REPEATS = 5  # the peak is the best of these, after one warm-up
 BUSY_LOAD_PER_CORE = 0.25  # 1-min load average above this before a run: flag the timings
+# Pause before each timed call of the round-robin: the previous backend's idle worker
+# threads spin-wait for a few ms after a call (libgomp under torch ~ms, ONNX Runtime less)
+# and would otherwise eat into the next backend's call.
+SETTLE_S = 0.02
 SIGNAL_RMS = 0.1  # synthetic input: white noise at about -20 dBFS
 _MiB = 1 << 20
 
@@ -408,13 +412,15 @@ def _start(
 def _interleaved(
     workers: dict[str, _Worker], command: str, iterations: int, warmup: int
 ) -> tuple[dict[str, LatencyStats], dict[str, str]]:
-    """Round-robin: each round, one call per live backend, so load drift hits all alike."""
+    """Round-robin: each round, one call per live backend, so load drift hits all alike;
+    each call after a pause that lets the previous backend's threads go idle."""
     samples: dict[str, list[int]] = {name: [] for name in workers}
     dead: dict[str, str] = {}
     for i in range(warmup + iterations):
         for name, worker in workers.items():
             if name in dead:
                 continue
+            time.sleep(SETTLE_S)
             ns = worker.call(command)
             if ns is None:
                 dead[name] = _failure(worker, None)

@@ -105,11 +105,13 @@ def bench_command(
 ) -> None:
     """Benchmark BUNDLE on every backend this machine has, in one run.
 
-    Per backend, each in a fresh process: inference latency (mean, std, p50/p90/p99) at
+    Per backend, each in its own process: inference latency (mean, std, p50/p90/p99) at
     batch 1, throughput at batch 1 and --batch, achieved GFLOP/s as a share of a GEMM peak
     of the same precision measured in the same run, real-time factor, peak memory and
-    cold start (process start to first score). Backends that cannot run here are listed
-    with the reason. The table (markdown) goes to stdout.
+    cold start (process start to first score). The backends are timed interleaved, one
+    call each per round, so the ratios between them are fair on a busy machine; all of
+    them stay loaded meanwhile (pick fewer with --backend on a small board). Backends
+    that cannot run here are listed with the reason. The table (markdown) goes to stdout.
 
     Example:
 
