@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from msn_edge.checkpoint import LoadedRun, load_checkpoint
 from msn_edge.datasets import Clip, load_wave, scan
+from msn_edge.evaluate import run_dir_of
 from msn_edge.export.onnx_export import GraphStats, export_onnx, graph_stats
 from msn_edge.export.parity import (
     ParityReport,
@@ -125,8 +126,8 @@ class ExportReport:
             ),
             (
                 "parity fp32: ONNX Runtime vs PyTorch",
-                f"max |d embedding| {p.max_abs_embedding:.2e} (limit {p.embedding_tol:g}), "
-                f"max |d score| {p.max_abs_score:.2e} (limit {p.score_tol:g}); "
+                f"max embedding diff {p.max_abs_embedding:.2e} (limit {p.embedding_tol:g}), "
+                f"max score diff {p.max_abs_score:.2e} (limit {p.score_tol:g}); "
                 f"{p.n_real} real + {p.n_synthetic} synthetic windows",
             ),
         ]
@@ -141,7 +142,7 @@ class ExportReport:
                 (
                     "int8 vs fp32",
                     f"min cosine {q.vs_fp32.min_cosine:.5f}, "
-                    f"max |d score| {q.vs_fp32.max_abs_score:.2e}; "
+                    f"max score diff {q.vs_fp32.max_abs_score:.2e}; "
                     f"calibrated on {q.calibration_clips} normal training clips",
                 ),
             ]
@@ -225,7 +226,7 @@ def _eval_metrics(
     out = {}
     for precision, model in models.items():
         log.info("scoring %d test clips with the %s model", len(test), precision)
-        emb = engine_embed(cpu_engine(model, threads), windows, frontend)
+        emb = engine_embed(cpu_engine(model, threads), windows, frontend, f"{precision} test")
         scores = score_embeddings(scoring, emb, groups)
         rows = []
         for name in sorted(set(groups)):
@@ -264,11 +265,12 @@ def export_bundle(run_path: str | Path, out: str | Path, options: ExportOptions)
     if not out.parent.is_dir():
         raise MsnEdgeError(f"{out.parent}: no such folder for the bundle")
     run = load_checkpoint(run_path)
-    run_dir = Path(run_path) if Path(run_path).is_dir() else Path(run_path).parent
-    scoring = load_scoring(run_dir, run.config.model.embedding_dim)
+    scoring = load_scoring(run_dir_of(run_path), run.config.model.embedding_dim)
     frontend = run.config.frontend
     train = _run_training_clips(run)
     test = scan(options.eval_data, split="test") if options.eval_data else []
+    if options.eval_data and not test:
+        raise DatasetError(f"{options.eval_data}: no test clips to evaluate on (--eval-data)")
     if options.int8 and not train:
         raise DatasetError(
             f"--int8 calibrates on the run's normal training clips, but its data "
@@ -348,7 +350,16 @@ def export_bundle(run_path: str | Path, out: str | Path, options: ExportOptions)
     return report
 
 
-def _engine(options, fp32, int8, frontend, scoring, real, out: Path) -> dict:
+def _engine(
+    options: ExportOptions,
+    fp32: bytes,
+    int8: bytes | None,
+    frontend: FrontendConfig,
+    scoring: Scoring,
+    real: list[np.ndarray],
+    out: Path,
+) -> dict:
+    """Build, check and cache the TensorRT engine; its figures for the report."""
     from msn_edge.export.parity import synthetic_windows
     from msn_edge.export.tensorrt import build_checked_engine
     from msn_edge.runtime.engines import default_cache_dir

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from tqdm import tqdm
 
 from msn_edge.inference import embed_clips
 from msn_edge.model import MSN
@@ -69,10 +70,19 @@ def cpu_engine(onnx_bytes: bytes, threads: int | None = None) -> OrtEngine:
     return OrtEngine(onnx_bytes, providers=["CPUExecutionProvider"], threads=threads, name="cpu")
 
 
-def engine_embed(engine: Engine, windows: Sequence[np.ndarray], frontend: FrontendConfig):
-    """Embeddings (N, D) of windows by an inference engine, BATCH at a time."""
+def engine_embed(
+    engine: Engine,
+    windows: Sequence[np.ndarray],
+    frontend: FrontendConfig,
+    progress: str | None = None,
+) -> np.ndarray:
+    """Embeddings (N, D) of windows by an inference engine, BATCH at a time.
+
+    `progress`: label of a progress bar on stderr (none if None).
+    """
     out = []
-    for lo in range(0, len(windows), BATCH):
+    starts = range(0, len(windows), BATCH)
+    for lo in tqdm(starts, desc=progress, unit="batch", leave=False, disable=progress is None):
         spec, spectrum = features(np.stack(windows[lo : lo + BATCH]), frontend)
         out.append(engine.embed(spec, spectrum))
     return np.concatenate(out)

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 LOG_FILE = "train_log.jsonl"
 MIN_BATCH = 2  # clips per step and process: BatchNorm cannot train on one
+MAX_DIFF_SHOWN = 5  # config fields named in a refused resume
 
 
 @dataclass
@@ -279,7 +280,8 @@ def _check_resume(state: dict, config: Config, plan: ClassPlan, path: Path) -> N
     """Resuming must continue the same run: the same config (epochs aside) and classes."""
     diff = _config_diff(Config.from_dict(state["config"]), config)
     if diff:
-        raise CheckpointError(f"{path}: cannot resume, the config differs ({', '.join(diff)})")
+        shown = ", ".join(diff[:MAX_DIFF_SHOWN]) + (", ..." if len(diff) > MAX_DIFF_SHOWN else "")
+        raise CheckpointError(f"{path}: cannot resume, the config differs ({shown})")
     if list(state["classes"]) != plan.classes:
         raise CheckpointError(
             f"{path}: cannot resume, the data has classes {plan.classes}, "
@@ -295,7 +297,7 @@ def train(
     resume: bool = False,
     device: str | None = None,
     progress: bool = True,
-    aux: str = "both",
+    aux: str = "transforms",
     fit_scoring: bool = True,
 ) -> TrainResult:
     """Train MSN on the normal training clips of `data_roots`, jointly, into `run_dir`.

@@ -14,7 +14,7 @@ from msn_edge.cli import main
 from msn_edge.cli.common import setup_logging, user_errors
 from msn_edge.config import PRESETS
 
-AUX_CHOICES = ("both", "transforms", "synth", "none")
+AUX_CHOICES = ("transforms", "both", "synth", "none")
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
@@ -55,7 +55,9 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
     help="DataLoader processes computing the front-end  [default: the preset's]",
 )
 @click.option(
-    "--resume", is_flag=True, help="Continue RUN/checkpoint.pt (same config and classes)."
+    "--resume",
+    is_flag=True,
+    help="Continue RUN/checkpoint.pt with its config (--epochs may raise the total).",
 )
 @click.option(
     "--device",
@@ -66,9 +68,10 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 @click.option(
     "--aux",
     type=click.Choice(AUX_CHOICES),
-    default="both",
+    default="transforms",
     show_default=True,
-    help="Auxiliary classes added when the data has fewer than two classes; none = error.",
+    help="Auxiliary classes added when the data has fewer than two classes: the machine's "
+    "own clips slightly slower/faster, synthetic machines, both; none = an error.",
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
 @user_errors
@@ -93,10 +96,15 @@ def train(
         logging.getLogger().setLevel(logging.ERROR)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from msn_edge.config import preset
+    from msn_edge.checkpoint import read_checkpoint
+    from msn_edge.config import Config, preset
     from msn_edge.training import train as run_training
 
-    config = preset(preset_name)
+    preset_given = click.get_current_context().get_parameter_source("preset_name")
+    if resume and preset_given == click.core.ParameterSource.DEFAULT:
+        config = Config.from_dict(read_checkpoint(run_dir)["config"])  # the run's own
+    else:
+        config = preset(preset_name)
     overrides = {"epochs": epochs, "batch_size": batch_size, "seed": seed, "num_workers": workers}
     config = replace(
         config, train=replace(config.train, **{k: v for k, v in overrides.items() if v is not None})
