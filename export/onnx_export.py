@@ -4,9 +4,9 @@ Exporter: torch.onnx's dynamo exporter (torch.export + ONNX Script), chosen on p
 It is the maintained path (the TorchScript exporter is deprecated since torch 2.9 and
 warns on every call), it translates `index_select` to one Gather with the index vector
 stored once as an initializer, and its optimiser folds constants and removes the shape
-arithmetic the TorchScript exporter leaves behind (450 nodes for tiny where TorchScript
-gives 847), which keeps the TensorRT parser on plain layers. Its cost is export time
-(tens of seconds on 2 cores).
+arithmetic the TorchScript exporter leaves behind (about 400 nodes for tiny where
+TorchScript gives about 850), which keeps the TensorRT parser on plain layers. Its cost
+is export time (tens of seconds on 2 cores).
 
 Opset 18: the newest opset TensorRT 10.0 (JetPack 6) parses is 20 and ONNX Runtime
 >= 1.14 runs 18; 18 is the first opset where every Reduce op takes `axes` as an input,

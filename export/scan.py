@@ -1,9 +1,9 @@
 """The MSN rewritten for export: the scanning loop becomes a few strided gathers per box.
 
 Training cuts each box into N = N_f x N_t patches with unfold views and indexing, which
-exports to thousands of nodes or to per-element index tables. Here the patches of all
-boxes come from two gathers along whole axes, with index vectors computed once from
-the box geometry (`box_starts`, the same function training uses):
+exports to per-element index tables (GatherND) or, written as a loop, to a slice per
+patch. Here the patches of all boxes come from two gathers along whole axes, with index
+vectors computed once from the box geometry (`box_starts`, as training places boxes):
 
 1. per box height h: gather the N_f frequency runs [f_i, f_i + h) of the spectrogram
    (rows of T contiguous floats) and transpose once to (B, N_f, T, h);
@@ -15,15 +15,20 @@ The patches come out transposed, (w, h) instead of (h, w), so the shared patch e
 kernels are transposed once here instead of transposing the data per box; every op after
 the stem is symmetric in the two spatial axes (square max-pools, stats-pooling over both).
 
-Layouts measured on the dcase2020 scanning branch, ONNX Runtime CPU, 2 threads (scan
-branch alone, this 2-core AMD EPYC; see the export report for the whole model):
-  unfold + index (training code exported as is): ~2000 ms, Transpose of patches dominates;
-  (T, F) spectrogram, per box gather time rows, N_f slices + concat:      ~156 ms;
-  gather to (B, N_t, w, N_f, h) and a Conv3d stem over (w, N_f, h):      ~106 ms
-      (no patch copy, but ONNX Runtime's generic 3-D convolution is 2x slower);
-  this layout (two gathers, Conv2d stem in ONNX Runtime's blocked NCHWc kernels): ~93 ms.
-A dilated-convolution layout that reads overlapping boxes without gathering them was no
-faster: its input must carry three time-shifted copies, as large as the patches for
+Layouts measured on the whole dcase2020 model, ONNX Runtime 1.32 CPU, 2 threads, on a
+2-core AMD EPYC (Zen 3) VM shared with other jobs; per window, fastest wall time / median
+CPU time (thread spinning off):
+  unfold + index (the training code exported as is)             2922 ms / 1775 ms
+  (T, F) spectrogram; per box: gather time rows, slices, concat    79 ms /   85 ms
+  gathers to (B, N_t, w, N_f, h) and the stem as a Conv3d          87 ms /   95 ms
+  this layout: two gathers, 2-D stem in ONNX Runtime's NCHWc       71 ms /   79 ms
+  eager PyTorch (training module), for comparison                 384 ms
+The Conv3d layout needs no channel reordering of the patches, but ONNX Runtime's generic
+3-D convolution is ~2x slower than its blocked NCHWc 2-D kernels, and the stem is half of
+all MACs. In the scan alone (profiled), slices and concats plus the reorder to NCHWc took
+58 ms where this layout's gathers plus the reorder take 25 ms. A dilated-convolution
+layout that reads overlapping boxes without gathering them was no faster in a
+micro-benchmark: its input needs three time-shifted copies, as large as the patches for
 narrow boxes.
 """
 
@@ -34,6 +39,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from msn_edge.model import MSN, ScanningBranch
 
@@ -53,6 +59,24 @@ def _transpose_convs(module: nn.Module) -> nn.Module:
                 value = getattr(m, name, None)
                 if isinstance(value, tuple):
                     setattr(m, name, value[::-1])
+    return module
+
+
+def _fold_batchnorm(module: nn.Module) -> nn.Module:
+    """Fold every BatchNorm that directly follows a conv or linear layer into its weights.
+
+    Mathematically the same network, and the folded weights stay one tensor however many
+    boxes share the encoder; left to the graph optimisers (onnxruntime's quantization
+    pre-processing), each of the 12 boxes would get its own folded copy.
+    """
+    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            layer, bn = seq[i], seq[i + 1]
+            if isinstance(bn, nn.BatchNorm1d | nn.BatchNorm2d):
+                if isinstance(layer, nn.Conv1d | nn.Conv2d):
+                    seq[i], seq[i + 1] = fuse_conv_bn_eval(layer.eval(), bn.eval()), nn.Identity()
+                elif isinstance(layer, nn.Linear):
+                    seq[i], seq[i + 1] = fuse_linear_bn_eval(layer.eval(), bn.eval()), nn.Identity()
     return module
 
 
@@ -79,7 +103,7 @@ class ExportScan(nn.Module):
             self.register_buffer(f"freq_idx_{h}", _runs(starts, h), persistent=False)
         for w, starts in time_starts.items():
             self.register_buffer(f"time_idx_{w}", _runs(starts, w), persistent=False)
-        self.encoder = _transpose_convs(branch.encoder)  # sees (w, h) patches
+        self.encoder = _fold_batchnorm(_transpose_convs(branch.encoder))  # sees (w, h) patches
         self.head = copy.deepcopy(branch.head)
 
     def _freq_runs(self, spec: torch.Tensor, h: int) -> torch.Tensor:
@@ -99,14 +123,14 @@ class ExportScan(nn.Module):
 
 
 class ExportableMSN(nn.Module):
-    """The whole MSN for export: same weights, gather scan, L2-normalised embedding out."""
+    """The whole MSN for export: same weights (BatchNorm folded), gather scan, unit output."""
 
     def __init__(self, model: MSN):
         super().__init__()
-        self.spectrogram = copy.deepcopy(model.spectrogram)
-        self.spectrum = copy.deepcopy(model.spectrum)
+        self.spectrogram = _fold_batchnorm(copy.deepcopy(model.spectrogram))
+        self.spectrum = _fold_batchnorm(copy.deepcopy(model.spectrum))
         self.scanning = ExportScan(model.scanning)
-        self.fusion = copy.deepcopy(model.fusion)
+        self.fusion = copy.deepcopy(model.fusion)  # its BatchNorm follows a concat: kept
 
     @classmethod
     def from_trained(cls, model: MSN) -> ExportableMSN:

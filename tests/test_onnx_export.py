@@ -109,8 +109,8 @@ def test_bundle_members_are_the_exported_models(exported):
     assert {g["name"] for g in manifest["groups"]} == {"fan/id_00", "fan/id_01"}
 
 
-@pytest.mark.slow
 def test_dcase2020_export_graph_and_parity():
+    # ~20 s on 2 cores: the one full-size export of the suite.
     config = preset("dcase2020")
     model = random_model(config, seed=7)
     proto = export_onnx(model, {"preset": "dcase2020"})

@@ -29,7 +29,7 @@ def test_rewrite_matches_training_module_tiny():
 
 def test_rewrite_matches_training_scan_dcase2020():
     # 12 boxes x 256 patches; the other branches are copied as they are (tiny test above
-    # checks the whole embedding, the slow export test the whole dcase2020 graph).
+    # checks the whole embedding, test_onnx_export the whole dcase2020 graph).
     config = preset("dcase2020").model
     torch.manual_seed(6)
     branch = ScanningBranch(config).eval()
@@ -71,9 +71,13 @@ def test_rewrite_leaves_the_trained_model_untouched():
     assert not twin.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    # The rewrite's encoder kernels are the trained ones, transposed (it sees (w, h) patches).
-    trained = model.scanning.encoder.net[0].weight
-    torch.testing.assert_close(twin.scanning.encoder.net[0].weight, trained.transpose(2, 3))
+    # The rewrite's stem kernel is the trained one, transposed (it sees (w, h) patches),
+    # with the following BatchNorm folded in.
+    conv, bn = model.scanning.encoder.net[0], model.scanning.encoder.net[1]
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    folded = conv.weight.transpose(2, 3) * scale[:, None, None, None]
+    torch.testing.assert_close(twin.scanning.encoder.net[0].weight, folded)
+    assert isinstance(twin.scanning.encoder.net[1], torch.nn.Identity)
 
 
 def test_index_vectors_are_small():
