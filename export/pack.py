@@ -29,11 +29,11 @@ from msn_edge.export.parity import (
     cpu_engine,
     engine_embed,
 )
-from msn_edge.export.quantize import quantize_int8
+from msn_edge.export.quantize import Int8Config, quantize_int8
 from msn_edge.export.trt_support import tensorrt_problems
 from msn_edge.metrics import group_metrics, summarize
 from msn_edge.prototypes import Scoring, load_scoring, score_embeddings
-from msn_edge.runtime.bundle import write_bundle
+from msn_edge.runtime.bundle import MODEL_MEMBERS, write_bundle
 from msn_edge.runtime.errors import DatasetError, MsnEdgeError
 from msn_edge.runtime.frontend import FrontendConfig, fit_window
 from msn_edge.training import training_clips
@@ -47,7 +47,7 @@ LATENCY_RUNS = 5  # timed single-window calls per model for the int8 speed ratio
 
 @dataclass(frozen=True)
 class ExportOptions:
-    int8: bool = False  # also a Q/DQ int8 model (model.int8.onnx)
+    int8: bool = False  # also the Q/DQ int8 models (model.int8-cpu.onnx, model.int8.onnx)
     format: str = "onnx"  # "engine": also build and cache a TensorRT engine here
     precision: str | None = None  # engine precision; only with format "engine"
     eval_data: Path | None = None  # data set whose test clips give fp32 / int8 AUC
@@ -75,17 +75,29 @@ class ExportOptions:
 
 
 @dataclass(frozen=True)
-class Int8Report:
+class Int8Model:
+    """One int8 twin of the fp32 model, measured under ONNX Runtime on this CPU."""
+
+    member: str  # the bundle member it is written to
     onnx_bytes: int
     size_ratio: float  # int8 / fp32 file size
-    fp32_ms: float  # ONNX Runtime CPU, one window, median of LATENCY_RUNS
-    int8_ms: float
-    calibration_clips: int
-    vs_fp32: ParityReport  # int8 vs fp32 under ONNX Runtime: measured, not enforced
+    ms: float  # ONNX Runtime CPU, one window, median of LATENCY_RUNS
+    vs_fp32: ParityReport  # measured, not enforced
 
-    @property
-    def speedup(self) -> float:
-        return self.fp32_ms / self.int8_ms
+
+@dataclass(frozen=True)
+class Int8Report:
+    fp32_ms: float  # the same timing for the fp32 model
+    calibration_clips: int
+    models: dict[str, Int8Model]  # bundle variant ("int8-cpu", "int8") -> figures
+
+    def speedup(self, variant: str) -> float:
+        return self.fp32_ms / self.models[variant].ms
+
+
+# The int8 variants an --int8 export writes: quantization target and what each is for.
+INT8_VARIANTS = {"int8-cpu": "cpu", "int8": "tensorrt"}
+INT8_ROLES = {"int8-cpu": "ONNX Runtime CPU", "int8": "TensorRT; here on ONNX Runtime CPU"}
 
 
 @dataclass
@@ -105,8 +117,9 @@ class ExportReport:
         d = asdict(self)
         d["parity"] = self.parity.to_dict()
         if self.int8 is not None:
-            d["int8"]["vs_fp32"] = self.int8.vs_fp32.to_dict()
-            d["int8"]["speedup"] = self.int8.speedup
+            for variant, m in self.int8.models.items():
+                d["int8"]["models"][variant]["vs_fp32"] = m.vs_fp32.to_dict()
+                d["int8"]["models"][variant]["speedup"] = self.int8.speedup(variant)
         d["graph"]["size_ratio"] = self.graph.size_ratio
         return _json_safe(d)
 
@@ -133,19 +146,17 @@ class ExportReport:
         ]
         if self.int8 is not None:
             q = self.int8
-            rows += [
-                ("model.int8.onnx", f"{_mb(q.onnx_bytes)} ({q.size_ratio:.2f} x fp32)"),
-                (
-                    "ONNX Runtime CPU, 1 window",
-                    f"fp32 {q.fp32_ms:.1f} ms, int8 {q.int8_ms:.1f} ms ({q.speedup:.2f}x)",
-                ),
-                (
-                    "int8 vs fp32",
-                    f"min cosine {q.vs_fp32.min_cosine:.5f}, "
-                    f"max score diff {q.vs_fp32.max_abs_score:.2e}; "
-                    f"calibrated on {q.calibration_clips} normal training clips",
-                ),
-            ]
+            for variant, m in q.models.items():
+                rows.append(
+                    (
+                        f"{m.member} ({INT8_ROLES[variant]})",
+                        f"{_mb(m.onnx_bytes)} ({m.size_ratio:.2f} x fp32); 1 window "
+                        f"{m.ms:.1f} ms vs fp32 {q.fp32_ms:.1f} ms (speed-up "
+                        f"{q.speedup(variant):.2f}x); min cosine to fp32 "
+                        f"{m.vs_fp32.min_cosine:.5f}, max score diff {m.vs_fp32.max_abs_score:.2e}",
+                    )
+                )
+            rows.append(("int8 calibration", f"{q.calibration_clips} normal training clips"))
         for precision, values in self.metrics.items():
             text = ", ".join(f"{k} {_pct(v)}" for k, v in values.items())
             rows.append((f"eval {precision}", text))
@@ -300,42 +311,51 @@ def export_bundle(run_path: str | Path, out: str | Path, options: ExportOptions)
         parity=parity,
     )
 
-    int8 = None
+    int8: dict[str, bytes] = {}
     if options.int8:
         calib = _windows(_spread(train, options.calibration_clips), frontend, "calibration clips")
-        log.info("quantizing to int8 (Q/DQ), calibrated on %d clips", len(calib))
-        q_proto = quantize_int8(proto, calib, frontend)
-        int8 = q_proto.SerializeToString()
         probe = [*real, *calib[:4]]
-        vs_fp32 = compare(
-            engine_embed(cpu_engine(fp32, options.threads), probe, frontend),
-            engine_embed(cpu_engine(int8, options.threads), probe, frontend),
-            scoring.prototypes,
-            n_real=len(probe),
-            embedding_tol=None,
-            score_tol=None,
-        )
+        reference = engine_embed(cpu_engine(fp32, options.threads), probe, frontend)
         window = (real or calib)[0]
+        models = {}
+        for variant, target in INT8_VARIANTS.items():
+            log.info("quantizing to int8 for %s (Q/DQ), calibrated on %d clips", target, len(calib))
+            int8[variant] = quantize_int8(
+                proto, calib, frontend, Int8Config(target=target)
+            ).SerializeToString()
+            models[variant] = Int8Model(
+                member=MODEL_MEMBERS[variant],
+                onnx_bytes=len(int8[variant]),
+                size_ratio=len(int8[variant]) / len(fp32),
+                ms=_latency_ms(int8[variant], window, frontend, options.threads),
+                vs_fp32=compare(
+                    reference,
+                    engine_embed(cpu_engine(int8[variant], options.threads), probe, frontend),
+                    scoring.prototypes,
+                    n_real=len(probe),
+                    embedding_tol=None,
+                    score_tol=None,
+                ),
+            )
         report.int8 = Int8Report(
-            onnx_bytes=len(int8),
-            size_ratio=len(int8) / len(fp32),
             fp32_ms=_latency_ms(fp32, window, frontend, options.threads),
-            int8_ms=_latency_ms(int8, window, frontend, options.threads),
             calibration_clips=len(calib),
-            vs_fp32=vs_fp32,
+            models=models,
         )
     if test:
-        models = {"fp32": fp32, **({"int8": int8} if int8 else {})}
-        report.metrics = _eval_metrics(models, scoring, test, frontend, options.threads)
+        report.metrics = _eval_metrics(
+            {"fp32": fp32, **int8}, scoring, test, frontend, options.threads
+        )
 
     if options.format == "engine":
-        report.engine = _engine(options, fp32, int8, frontend, scoring, real, out)
+        report.engine = _engine(options, fp32, int8.get("int8"), frontend, scoring, real, out)
 
     report.seconds = time.perf_counter() - started
     write_bundle(
         out,
         model_onnx=fp32,
-        model_int8_onnx=int8,
+        model_int8_onnx=int8.get("int8"),
+        model_int8_cpu_onnx=int8.get("int8-cpu"),
         prototypes=scoring.prototypes,
         groups=scoring.groups,
         frontend=frontend,

@@ -1,7 +1,9 @@
 """The bundle: one zip file that carries everything the edge needs to score a machine.
 
 Members: `manifest.json` (versions, front-end config, scoring groups, sha256 of every
-other member), `model.onnx` (fp32), optionally `model.int8.onnx` (Q/DQ) and
+other member), `model.onnx` (fp32), optionally the int8 Q/DQ twins `model.int8.onnx`
+(int8 activations: the form TensorRT takes) and `model.int8-cpu.onnx` (uint8 activations:
+the form ONNX Runtime's CPU kernels run fast; see export/quantize.py), and
 `prototypes.npy` (float32 unit rows). Reading trusts nothing: the whole file is read
 once into memory (so what is verified is what is used), every member name, size and hash
 is checked, and nothing is ever written to disk. No member can execute code: the manifest
@@ -26,11 +28,16 @@ import numpy as np
 
 from msn_edge.runtime.errors import BundleError
 from msn_edge.runtime.frontend import FrontendConfig
-from msn_edge.runtime.version import BUNDLE_FORMAT, __version__
+from msn_edge.runtime.version import BUNDLE_FORMAT, READABLE_FORMATS, __version__
 
 MANIFEST = "manifest.json"
 PROTOTYPES = "prototypes.npy"
-MODEL_MEMBERS = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+# Model variant -> member. "int8" is the TensorRT form; "int8-cpu" (format 2 on) the CPU one.
+MODEL_MEMBERS = {
+    "fp32": "model.onnx",
+    "int8": "model.int8.onnx",
+    "int8-cpu": "model.int8-cpu.onnx",
+}
 MiB = 1 << 20
 # Largest uncompressed size accepted per member: a guard against zip bombs and absurd
 # files, with wide headroom (the full MSN is ~42 MB fp32; 256 MiB holds 262 144
@@ -39,6 +46,7 @@ MEMBER_LIMITS = {
     MANIFEST: 1 * MiB,
     MODEL_MEMBERS["fp32"]: 1024 * MiB,
     MODEL_MEMBERS["int8"]: 1024 * MiB,
+    MODEL_MEMBERS["int8-cpu"]: 1024 * MiB,
     PROTOTYPES: 256 * MiB,
 }
 REQUIRED = (MANIFEST, MODEL_MEMBERS["fp32"], PROTOTYPES)
@@ -76,21 +84,26 @@ class Bundle:
         names = ", ".join(g.name for g in self.groups)
         raise BundleError(f"{self.path}: no scoring group '{wanted}' (groups: {names})")
 
-    def model_bytes(self, precision: str = "fp32") -> bytes:
-        """The verified ONNX model for "fp32" or "int8"."""
-        if precision not in MODEL_MEMBERS:
+    def model_bytes(self, variant: str = "fp32") -> bytes:
+        """The verified ONNX model of a variant: "fp32", "int8" or "int8-cpu"."""
+        if variant not in MODEL_MEMBERS:
             raise BundleError(
-                f"unknown model precision '{precision}' (a bundle holds {', '.join(MODEL_MEMBERS)})"
+                f"unknown model variant '{variant}' (a bundle holds {', '.join(MODEL_MEMBERS)})"
             )
-        if precision not in self._models:
+        if variant not in self._models:
             raise BundleError(
-                f"{self.path}: the bundle has no {precision} model (it holds: "
-                f"{', '.join(self.precisions)}); export it with an {precision} model"
+                f"{self.path}: the bundle has no {variant} model (it holds: "
+                f"{', '.join(self.precisions)}); export it with --int8"
             )
-        return self._models[precision]
+        return self._models[variant]
+
+    def int8_for_cpu(self) -> bytes:
+        """The int8 model ONNX Runtime's CPU kernels run best; format-1 bundles have one."""
+        return self.model_bytes("int8-cpu" if "int8-cpu" in self._models else "int8")
 
     @property
     def precisions(self) -> list[str]:
+        """The model variants the bundle holds, in MODEL_MEMBERS order."""
         return [p for p in MODEL_MEMBERS if p in self._models]
 
     @property
@@ -154,6 +167,7 @@ def write_bundle(
     trained_on: dict,
     metadata: dict | None = None,
     model_int8_onnx: bytes | None = None,
+    model_int8_cpu_onnx: bytes | None = None,
 ) -> Path:
     """Write a bundle atomically: a temporary file beside `path`, then a rename.
 
@@ -168,6 +182,8 @@ def write_bundle(
     members = {MODEL_MEMBERS["fp32"]: model_onnx, PROTOTYPES: buf.getvalue()}
     if model_int8_onnx is not None:
         members[MODEL_MEMBERS["int8"]] = model_int8_onnx
+    if model_int8_cpu_onnx is not None:
+        members[MODEL_MEMBERS["int8-cpu"]] = model_int8_cpu_onnx
     manifest = {
         "format": BUNDLE_FORMAT,
         "msn_edge_version": __version__,
@@ -227,6 +243,13 @@ def _check_members(infos: list[zipfile.ZipInfo], where: str) -> dict[str, zipfil
     names = [i.filename for i in infos]
     if len(set(names)) != len(names):
         raise BundleError(f"{where}: the archive lists a member twice")
+    if MANIFEST not in names:
+        raise BundleError(f"{where}: missing member '{MANIFEST}'")
+    return {i.filename: i for i in infos}
+
+
+def _check_names(names: list[str], where: str) -> None:
+    """After the format check: a bundle of another format gets that message instead."""
     for name in names:
         if name not in MEMBER_LIMITS:
             raise BundleError(
@@ -236,7 +259,6 @@ def _check_members(infos: list[zipfile.ZipInfo], where: str) -> dict[str, zipfil
     for name in REQUIRED:
         if name not in names:
             raise BundleError(f"{where}: missing member '{name}'")
-    return {i.filename: i for i in infos}
 
 
 def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> bytes:
@@ -267,13 +289,14 @@ def _parse_manifest(data: bytes, where: str) -> dict:
     if fmt is None:
         raise BundleError(
             f"{where}: manifest.json has no format version; this msn-edge {__version__} "
-            f"reads bundle format {BUNDLE_FORMAT}"
+            f"writes bundle format {BUNDLE_FORMAT}"
         )
-    if fmt != BUNDLE_FORMAT:
+    if fmt not in READABLE_FORMATS:
         made_by = manifest.get("msn_edge_version", "an unknown version")
+        readable = " and ".join(str(f) for f in READABLE_FORMATS)
         raise BundleError(
             f"{where}: bundle format {fmt} (written by msn-edge {made_by}); this msn-edge "
-            f"{__version__} reads bundle format {BUNDLE_FORMAT}: re-export the model or "
+            f"{__version__} reads bundle formats {readable}: re-export the model or "
             "install the matching msn-edge"
         )
     return manifest
@@ -338,6 +361,7 @@ def read_bundle(path: str | Path) -> Bundle:
     with zf:
         infos = _check_members(zf.infolist(), where)
         manifest = _parse_manifest(_read_member(zf, infos[MANIFEST], where), where)
+        _check_names(list(infos), where)
         members = {n: _read_member(zf, i, where) for n, i in infos.items() if n != MANIFEST}
     _verify_hashes(members, manifest, where)
 

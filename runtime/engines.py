@@ -225,8 +225,9 @@ def make_engine(
 ) -> Engine:
     """The engine for `backend` at `precision`; BackendError with an install hint if missing.
 
-    precision "fp32" and "int8" pick the bundle's fp32 / Q/DQ model; "fp16" builds the fp32
-    model in half precision and so needs a TensorRT backend.
+    precision "fp32" and "int8" pick the bundle's fp32 / Q/DQ model (on the CPU its CPU
+    int8 model where it has one); "fp16" builds the fp32 model in half precision and so
+    needs a TensorRT backend.
     """
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
@@ -249,7 +250,12 @@ def make_engine(
 
         return TensorRTEngine.from_bundle(bundle, precision=precision, cache_dir=cache_dir)
 
-    model = bundle.model_bytes("int8" if precision == "int8" else "fp32")
+    if precision != "int8":
+        model = bundle.model_bytes("fp32")
+    elif backend == "cpu":  # uint8 activations: ONNX Runtime's CPU integer kernels
+        model = bundle.int8_for_cpu()
+    else:  # int8 activations with zero point 0: what TensorRT's explicit quantization takes
+        model = bundle.model_bytes("int8")
     providers: list[str | tuple[str, dict]] = []
     for b in ORT_CHAIN[ORT_CHAIN.index(backend) :]:  # lesser EPs take the ops an EP lacks
         if b == "ort-tensorrt":

@@ -84,16 +84,23 @@ def _rehashed(members: dict[str, bytes], name: str, data: bytes) -> dict[str, by
 
 def test_round_trip_keeps_everything(tmp_path):
     protos = _unit_rows(5, 8)
-    path = _write(tmp_path / "fan.msn", prototypes=protos, model_int8_onnx=b"int8-model-bytes")
+    path = _write(
+        tmp_path / "fan.msn",
+        prototypes=protos,
+        model_int8_onnx=b"int8-model-bytes",
+        model_int8_cpu_onnx=b"int8-cpu-model-bytes",
+    )
     b = read_bundle(path)
 
     np.testing.assert_array_equal(b.prototypes, protos)
     assert b.prototypes.dtype == np.float32
     assert b.groups == _groups()
     assert b.frontend == FRONTEND
-    assert b.precisions == ["fp32", "int8"]
+    assert b.precisions == ["fp32", "int8", "int8-cpu"]
     assert b.model_bytes() == b"fp32-model-bytes"
     assert b.model_bytes("int8") == b"int8-model-bytes"
+    assert b.model_bytes("int8-cpu") == b"int8-cpu-model-bytes"
+    assert b.int8_for_cpu() == b"int8-cpu-model-bytes"
     assert b.embedding_dim == 8
     assert b.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     m = b.manifest
@@ -105,12 +112,18 @@ def test_round_trip_keeps_everything(tmp_path):
     assert datetime.fromisoformat(m["created_utc"]).utcoffset().total_seconds() == 0
     assert m["frontend"] == FRONTEND.to_dict()
     assert m["default_group"] == "fan/id_00"
-    assert sorted(m["members"]) == ["model.int8.onnx", "model.onnx", "prototypes.npy"]
+    assert sorted(m["members"]) == [
+        "model.int8-cpu.onnx",
+        "model.int8.onnx",
+        "model.onnx",
+        "prototypes.npy",
+    ]
     assert m["members"]["model.onnx"]["sha256"] == hashlib.sha256(b"fp32-model-bytes").hexdigest()
     assert m["trained_on"] == {"n_clips": 78, "groups": 2}
     assert m["metadata"] == {"preset": "tiny"}
     assert sorted(_members(path)) == [
         "manifest.json",
+        "model.int8-cpu.onnx",
         "model.int8.onnx",
         "model.onnx",
         "prototypes.npy",
@@ -134,8 +147,20 @@ def test_missing_int8_model_is_a_clear_error(tmp_path):
         BundleError, match=r"fan\.msn: the bundle has no int8 model \(it holds: fp32\)"
     ):
         b.model_bytes("int8")
-    with pytest.raises(BundleError, match="unknown model precision 'fp8'"):
+    with pytest.raises(BundleError, match="the bundle has no int8 model"):
+        b.int8_for_cpu()
+    with pytest.raises(BundleError, match="unknown model variant 'fp8'"):
         b.model_bytes("fp8")
+
+
+def test_format_1_bundle_reads_and_runs_int8_on_the_cpu_from_its_one_model(tmp_path):
+    # Format 1 (msn-edge before the CPU int8 model) is format 2 without that member.
+    path = _write(tmp_path / "old.msn", model_int8_onnx=b"int8-model-bytes")
+    members = _with_manifest(_members(path), lambda m: m.update(format=1))
+    b = read_bundle(_rezip(tmp_path / "v1.msn", members))
+    assert b.manifest["format"] == 1 and BUNDLE_FORMAT == 2
+    assert b.precisions == ["fp32", "int8"]
+    assert b.int8_for_cpu() == b"int8-model-bytes"
 
 
 def test_write_is_atomic_and_validates_first(tmp_path):
@@ -214,7 +239,12 @@ def _tamper_cases():
             "wrong format",
             fmt(99),
             r"bundle format 99 \(written by msn-edge .*\); this msn-edge "
-            rf"{__version__} reads bundle format {BUNDLE_FORMAT}",
+            rf"{__version__} reads bundle formats 1 and 2: re-export",
+        ),
+        (
+            "newer format with a new member",  # the format is the message, not the member
+            lambda m: fmt(3)(added("model.fp8.onnx")(m)),
+            r"bundle format 3 \(written by msn-edge",
         ),
         ("no format", fmt(None), "manifest.json has no format version; this msn-edge"),
         ("bad json", added("manifest.json", b"{not json"), "manifest.json is not valid JSON"),

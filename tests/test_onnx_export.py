@@ -101,7 +101,13 @@ def test_bundle_members_are_the_exported_models(exported):
     with zipfile.ZipFile(exported.bundle) as z:
         names = set(z.namelist())
         prototypes = np.load(io.BytesIO(z.read("prototypes.npy")), allow_pickle=False)
-    assert names == {"manifest.json", "model.onnx", "model.int8.onnx", "prototypes.npy"}
+    assert names == {
+        "manifest.json",
+        "model.onnx",
+        "model.int8.onnx",
+        "model.int8-cpu.onnx",
+        "prototypes.npy",
+    }
     manifest = exported.manifest()
     assert manifest["trained_on"]["n_clips"] == 12 and manifest["trained_on"]["classes"] == 2
     assert manifest["metadata"]["preset"] == "tiny"

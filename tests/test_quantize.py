@@ -1,4 +1,4 @@
-"""INT8: a Q/DQ graph TensorRT can take, calibrated, and close to the fp32 model."""
+"""INT8: Q/DQ graphs for TensorRT and for the CPU, calibrated, and close to the fp32 model."""
 
 import numpy as np
 import onnx
@@ -10,6 +10,7 @@ from msn_edge.checkpoint import load_checkpoint
 from msn_edge.export.parity import cpu_engine, engine_embed, synthetic_windows
 from msn_edge.export.quantize import quantize_int8
 from msn_edge.runtime.bundle import read_bundle
+from msn_edge.runtime.engines import make_engine
 
 
 @pytest.fixture(scope="module")
@@ -17,35 +18,60 @@ def exported(tmp_path_factory):
     return exported_bundle(tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def int8(exported):
-    return onnx.load_from_string(exported.member("model.int8.onnx"))
-
-
-def test_int8_graph_is_qdq_with_symmetric_per_channel_weights(int8):
-    ops = [n.op_type for n in int8.graph.node]
-    consts = {t.name: numpy_helper.to_array(t) for t in int8.graph.initializer}
-    assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0
-    assert not {"QLinearConv", "ConvInteger", "MatMulInteger"} & set(ops)
-    conv_weights = 0
-    for node in int8.graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
-            zero = consts[node.input[2]]
-            assert zero.dtype == np.int8 and not zero.any(), node.name  # TensorRT: int8, zp 0
-        if node.op_type == "DequantizeLinear" and node.input[0] in consts:
+def _qdq(model: onnx.ModelProto) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    """Activation zero points, weight zero points, and per-channel conv weights."""
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    activations, weights, per_channel = [], [], 0
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
+            continue
+        zero = consts[node.input[2]]
+        if node.input[0] in consts:  # a DequantizeLinear of a stored weight
+            weights.append(zero)
             weight = consts[node.input[0]]
             assert weight.dtype == np.int8
             if weight.ndim == 4:  # a conv kernel: one scale per output channel
-                conv_weights += 1
+                per_channel += 1
                 assert consts[node.input[1]].shape == (weight.shape[0],)
-    assert conv_weights > 10
-    assert {o.domain for o in int8.opset_import} == {""}
-    assert {p.key: p.value for p in int8.metadata_props}["precision"] == "int8"
+        else:
+            activations.append(zero)
+    return activations, weights, per_channel
 
 
-def test_int8_is_smaller_and_close_to_fp32(exported):
+def _common_checks(model: onnx.ModelProto, target: str) -> None:
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0
+    assert not {"QLinearConv", "ConvInteger", "MatMulInteger"} & set(ops)  # Q/DQ form only
+    assert {o.domain for o in model.opset_import} == {""}
+    props = {p.key: p.value for p in model.metadata_props}
+    assert (props["precision"], props["int8_target"]) == ("int8", target)
+
+
+def test_tensorrt_int8_is_symmetric_int8_throughout(exported):
+    model = onnx.load_from_string(exported.member("model.int8.onnx"))
+    _common_checks(model, "tensorrt")
+    activations, weights, per_channel = _qdq(model)
+    for zero in activations + weights:  # TensorRT: type int8, zero point 0
+        assert zero.dtype == np.int8 and not zero.any()
+    assert per_channel > 10 and len(activations) > 10
+
+
+def test_cpu_int8_has_uint8_activations_with_zero_points(exported):
+    model = onnx.load_from_string(exported.member("model.int8-cpu.onnx"))
+    _common_checks(model, "cpu")
+    activations, weights, per_channel = _qdq(model)
+    assert activations and all(z.dtype == np.uint8 for z in activations)
+    # Asymmetric: post-ReLU tensors put their zero point at 0, others inside the range.
+    values = {int(z) for z in activations}
+    assert 0 in values and len(values) > 2, values
+    assert all(z.dtype == np.int8 and not z.any() for z in weights)  # weights stay symmetric
+    assert per_channel > 10
+
+
+@pytest.mark.parametrize("variant", ["int8", "int8-cpu"])
+def test_int8_is_smaller_and_close_to_fp32(exported, variant):
     bundle = read_bundle(exported.bundle)
-    fp32, int8 = bundle.model_bytes("fp32"), bundle.model_bytes("int8")
+    fp32, int8 = bundle.model_bytes("fp32"), bundle.model_bytes(variant)
     assert len(int8) < 0.5 * len(fp32)
     windows = synthetic_windows(bundle.frontend)[:3]
     a = engine_embed(cpu_engine(fp32), windows, bundle.frontend)
@@ -57,17 +83,34 @@ def test_int8_is_smaller_and_close_to_fp32(exported):
     assert np.abs(a - b).max() > 1e-5  # it really is a different (quantized) model
 
 
+def test_cpu_backend_runs_the_cpu_int8_model(exported):
+    bundle = read_bundle(exported.bundle)
+    windows = synthetic_windows(bundle.frontend)[:2]
+    chosen = engine_embed(make_engine(bundle, "cpu", precision="int8"), windows, bundle.frontend)
+    for variant, same in (("int8-cpu", True), ("int8", False)):
+        direct = engine_embed(cpu_engine(bundle.model_bytes(variant)), windows, bundle.frontend)
+        assert np.array_equal(chosen, direct) is same, variant
+
+
 def test_export_reports_int8_figures_side_by_side(exported):
     report = exported.manifest()["metadata"]["export"]
     q = report["int8"]
-    assert 0 < q["size_ratio"] < 0.5 and q["fp32_ms"] > 0 and q["int8_ms"] > 0
+    assert q["fp32_ms"] > 0
     assert q["calibration_clips"] == 12  # every normal training clip of the run
-    assert set(report["metrics"]) == {"fp32", "int8"}
+    assert set(q["models"]) == {"int8", "int8-cpu"}
+    for variant, m in q["models"].items():
+        assert m["member"] == f"model.{variant}.onnx"
+        assert m["onnx_bytes"] == len(exported.member(m["member"]))
+        assert 0 < m["size_ratio"] < 0.5 and m["ms"] > 0
+        assert m["speedup"] == pytest.approx(q["fp32_ms"] / m["ms"])
+        assert 0.8 < m["vs_fp32"]["min_cosine"] < 1.0
+    assert set(report["metrics"]) == {"fp32", "int8", "int8-cpu"}
     for values in report["metrics"].values():
         assert set(values) == {"auc", "pauc", "mean"}
         assert all(0.0 <= v <= 1.0 for v in values.values())
-    for row in ("model.int8.onnx", "ONNX Runtime CPU, 1 window", "eval fp32", "eval int8"):
-        assert f"| {row} |" in exported.stdout
+    rows = ("model.int8-cpu.onnx (ONNX Runtime CPU)", "model.int8.onnx (TensorRT; here on")
+    for row in (*rows, "int8 calibration", "eval fp32", "eval int8-cpu", "eval int8"):
+        assert f"| {row}" in exported.stdout
 
 
 def test_calibration_needs_windows(exported):

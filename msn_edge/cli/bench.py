@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -151,17 +152,20 @@ def _profiles(bundle_path: Path, settings, cases) -> list:
     bundle = read_bundle(bundle_path)
     fe = bundle.frontend
     inputs = features(synthetic_windows(fe.window_samples, 1, settings.seed), fe)
+    models = {"fp32": bundle.model_bytes("fp32")}
+    if "int8" in bundle.precisions:
+        models["int8"] = bundle.int8_for_cpu()  # the model the ort-cpu-int8 row runs
     wanted = [c.precision for c in cases if c.backend == "cpu"]
     return [
         profile_model(
-            bundle.model_bytes(p),
+            model,
             inputs,
             threads=settings.threads,
             runs=max(1, min(settings.iterations, 10)),
             warmup=max(1, settings.warmup),
             label=f"ort-cpu-{p}",
         )
-        for p in bundle.precisions
+        for p, model in models.items()
         if p in wanted
     ]
 
@@ -175,7 +179,7 @@ class _Progress:
     def step(self, name: str, done: int, total: int) -> None:
         if self._bar is None:
             self._bar = click.progressbar(
-                length=total, label="bench", file=click.get_text_stream("stderr")
+                length=total, label="bench", file=sys.stderr
             ).__enter__()
         self._bar.label = f"bench: {name}"
         self._bar.update(done - self._bar.pos)

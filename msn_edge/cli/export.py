@@ -26,7 +26,8 @@ PRECISIONS = ("fp32", "fp16", "int8")
 @click.option(
     "--int8",
     is_flag=True,
-    help="Also a static int8 (Q/DQ) model, calibrated on the run's normal training clips.",
+    help="Also static int8 (Q/DQ) models, one for ONNX Runtime CPU and one for TensorRT, "
+    "calibrated on the run's normal training clips.",
 )
 @click.option(
     "--format",
