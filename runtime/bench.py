@@ -603,7 +603,8 @@ def format_report(report: BenchReport, *, notes: bool = True) -> str:
     lines = [
         f"Bundle `{Path(report.bundle['path']).name}` ({report.bundle.get('preset') or '?'}), "
         f"{report.window_s:g} s windows, {_f(gflop, '.4g')} GFLOP per window; "
-        f"{s.threads} threads, {s.iterations} timed iterations after {s.warmup} warm-up, "
+        f"{s.threads} thread{'s' if s.threads != 1 else ''}, "
+        f"{s.iterations} timed iterations after {s.warmup} warm-up, "
         f"larger batch {s.batch}.",
         "",
         _row(

@@ -38,9 +38,12 @@ def random_model(config: Config, seed: int) -> MSN:
     return model.eval()
 
 
-def make_run(run_dir: Path, data: Path, seed: int) -> Path:
-    """A run folder as training leaves it: checkpoint.pt and the scoring files."""
-    config = small_config()
+def make_run(run_dir: Path, data: Path, seed: int, config: Config | None = None) -> Path:
+    """A run folder as training leaves it: checkpoint.pt and the scoring files.
+
+    `config` defaults to `small_config()` (the tiny model on 2.5 s windows).
+    """
+    config = small_config() if config is None else config
     model = random_model(config, seed)
     clips = training_clips([data])
     state = {
