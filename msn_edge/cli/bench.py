@@ -178,9 +178,7 @@ class _Progress:
 
     def step(self, name: str, done: int, total: int) -> None:
         if self._bar is None:
-            self._bar = click.progressbar(
-                length=total, label="bench", file=sys.stderr
-            ).__enter__()
+            self._bar = click.progressbar(length=total, label="bench", file=sys.stderr).__enter__()
         self._bar.label = f"bench: {name}"
         self._bar.update(done - self._bar.pos)
 
