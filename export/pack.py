@@ -33,6 +33,7 @@ from msn_edge.export.quantize import Int8Config, quantize_int8
 from msn_edge.export.trt_support import tensorrt_problems
 from msn_edge.metrics import group_metrics, summarize
 from msn_edge.prototypes import Scoring, load_scoring, score_embeddings
+from msn_edge.runtime.bench import SETTLE_S
 from msn_edge.runtime.bundle import MODEL_MEMBERS, write_bundle
 from msn_edge.runtime.errors import DatasetError, MsnEdgeError
 from msn_edge.runtime.frontend import FrontendConfig, fit_window
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "engine")
 ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
-LATENCY_RUNS = 5  # timed single-window calls per model for the int8 speed ratio
+LATENCY_RUNS = 10  # timed single-window calls per model for the int8 speed ratio
 
 
 @dataclass(frozen=True)
@@ -213,15 +214,20 @@ def _run_training_clips(run: LoadedRun) -> list[Clip]:
     return training_clips(roots)
 
 
-def _latency_ms(onnx_bytes: bytes, window: np.ndarray, frontend, threads) -> float:
-    engine = cpu_engine(onnx_bytes, threads)
-    engine_embed(engine, [window], frontend)  # warm-up: allocations, kernel selection
-    times = []
-    for _ in range(LATENCY_RUNS):
-        t = time.perf_counter()
-        engine_embed(engine, [window], frontend)
-        times.append(time.perf_counter() - t)
-    return 1000 * float(np.median(times))
+def _latencies_ms(
+    models: dict[str, bytes], window: np.ndarray, frontend, threads
+) -> dict[str, float]:
+    """Median ms per window of each model, timed round-robin as `msn-edge bench` does: a
+    pause before each call so no other session's spinning threads share the CPU."""
+    engines = {name: cpu_engine(model, threads) for name, model in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(1 + LATENCY_RUNS):  # the first round warms up: allocations, kernels
+        for name, engine in engines.items():
+            time.sleep(SETTLE_S)
+            t = time.perf_counter()
+            engine_embed(engine, [window], frontend)
+            times[name].append(time.perf_counter() - t)
+    return {name: 1000 * float(np.median(t[1:])) for name, t in times.items()}
 
 
 def _eval_metrics(
@@ -317,28 +323,33 @@ def export_bundle(run_path: str | Path, out: str | Path, options: ExportOptions)
         probe = [*real, *calib[:4]]
         reference = engine_embed(cpu_engine(fp32, options.threads), probe, frontend)
         window = (real or calib)[0]
-        models = {}
+        vs_fp32 = {}
         for variant, target in INT8_VARIANTS.items():
             log.info("quantizing to int8 for %s (Q/DQ), calibrated on %d clips", target, len(calib))
             int8[variant] = quantize_int8(
                 proto, calib, frontend, Int8Config(target=target)
             ).SerializeToString()
-            models[variant] = Int8Model(
-                member=MODEL_MEMBERS[variant],
-                onnx_bytes=len(int8[variant]),
-                size_ratio=len(int8[variant]) / len(fp32),
-                ms=_latency_ms(int8[variant], window, frontend, options.threads),
-                vs_fp32=compare(
-                    reference,
-                    engine_embed(cpu_engine(int8[variant], options.threads), probe, frontend),
-                    scoring.prototypes,
-                    n_real=len(probe),
-                    embedding_tol=None,
-                    score_tol=None,
-                ),
+            vs_fp32[variant] = compare(
+                reference,
+                engine_embed(cpu_engine(int8[variant], options.threads), probe, frontend),
+                scoring.prototypes,
+                n_real=len(probe),
+                embedding_tol=None,
+                score_tol=None,
             )
+        ms = _latencies_ms({"fp32": fp32, **int8}, window, frontend, options.threads)
+        models = {
+            variant: Int8Model(
+                member=MODEL_MEMBERS[variant],
+                onnx_bytes=len(model),
+                size_ratio=len(model) / len(fp32),
+                ms=ms[variant],
+                vs_fp32=vs_fp32[variant],
+            )
+            for variant, model in int8.items()
+        }
         report.int8 = Int8Report(
-            fp32_ms=_latency_ms(fp32, window, frontend, options.threads),
+            fp32_ms=ms["fp32"],
             calibration_clips=len(calib),
             models=models,
         )

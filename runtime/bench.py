@@ -40,9 +40,11 @@ GEMM_SIZE = {"cpu": 2048, "gpu": 8192}  # compute-bound: 17 GFLOP (CPU), 1.1 TFL
 GEMM_REPEATS = 5  # the peak is the best of these, after one warm-up
 BUSY_LOAD_PER_CORE = 0.25  # 1-min load average above this before a run: flag the timings
 # Pause before each timed call of the round-robin: the previous backend's idle worker
-# threads spin-wait for a few ms after a call (libgomp under torch ~ms, ONNX Runtime less)
-# and would otherwise eat into the next backend's call.
-SETTLE_S = 0.02
+# threads spin-wait after a call and would otherwise eat into the next backend's call.
+# ONNX Runtime's pool spins for ~50 ms (measured: one core busy for 20 ms pauses, half of
+# one for 100 ms); with a 20 ms pause two ORT backends each ran ~1.8x slower than alone.
+# Every call thus starts with idle threads, as a monitor's call once per hop does.
+SETTLE_S = 0.2
 SIGNAL_RMS = 0.1  # synthetic input: white noise at about -20 dBFS
 _MiB = 1 << 20
 
@@ -206,7 +208,8 @@ class BenchReport:
 
 NOTES = {
     "latency": "wall time of engine.embed() per call (GPU rows: host-device copies "
-    "included), time.perf_counter_ns, warm-up excluded",
+    "included), time.perf_counter_ns, warm-up excluded; backends timed round-robin, each "
+    "call after a 200 ms pause (idle threads, as in monitoring)",
     "throughput": "windows per second of inference alone = batch / mean latency",
     "rtf": "real-time factor = (front-end + inference at batch 1) / audio duration; "
     "below 1 is faster than real time",

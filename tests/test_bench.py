@@ -42,9 +42,13 @@ FAST = BenchSettings(iterations=5, warmup=1, batch=4, threads=1)
 SMALL_GEMM = {"cpu": 256, "gpu": 1024}  # a peak in milliseconds: these tests check the report
 
 
+FAST_SETTLE_S = 0.01  # these tests check the report, not timings: short pauses
+
+
 @pytest.fixture(autouse=True)
 def small_gemm(monkeypatch):
     monkeypatch.setattr(bench, "GEMM_SIZE", SMALL_GEMM)
+    monkeypatch.setattr(bench, "SETTLE_S", FAST_SETTLE_S)
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +58,10 @@ def toy(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def toy_report(toy):
-    bench.GEMM_SIZE, saved = SMALL_GEMM, bench.GEMM_SIZE  # module scope: no monkeypatch
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # module scope: no monkeypatch fixture
+        mp.setattr(bench, "GEMM_SIZE", SMALL_GEMM)
+        mp.setattr(bench, "SETTLE_S", FAST_SETTLE_S)
         return run_benchmark(toy, FAST)
-    finally:
-        bench.GEMM_SIZE = saved
 
 
 def test_latency_stats_from_known_samples():

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from export_helpers import make_run
-from test_bench import SMALL_GEMM
+from test_bench import FAST_SETTLE_S, SMALL_GEMM
 
 from msn_edge.cli import main
 from msn_edge.config import preset
@@ -64,6 +64,7 @@ def tiny_bench(tmp_path_factory) -> TinyBench:
     args += ["--batch", str(BATCH), "--threads", str(THREADS)]
     with pytest.MonkeyPatch.context() as mp:  # module scope: test_bench's small GEMM peak
         mp.setattr(bench, "GEMM_SIZE", SMALL_GEMM)
+        mp.setattr(bench, "SETTLE_S", FAST_SETTLE_S)
         res = runner.invoke(main, args)
     assert res.exit_code == 0, res.output
     return TinyBench(run, bundle, res.stdout, json.loads(out.read_text()))
