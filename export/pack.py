@@ -57,6 +57,10 @@ class ExportOptions:
     # Normal training clips that calibrate int8. onnxruntime's histogram calibrator keeps
     # every activation of every window in memory: 32 dcase2020 windows peak at 4.6 GB.
     calibration_clips: int = 32
+    # An int8 model whose AUC on --eval-data falls more than this below fp32's gets a
+    # warning: post-training int8 adds embedding noise (cosine ~0.97 to fp32) that can
+    # swamp a weakly trained model's normal/anomalous margin.
+    int8_max_auc_drop: float = 0.02
     engine_cache_dir: Path | None = None  # default: where the runtime looks (beside the bundle)
 
     def validate(self) -> None:
@@ -230,6 +234,21 @@ def _latencies_ms(
     return {name: 1000 * float(np.median(t[1:])) for name, t in times.items()}
 
 
+def int8_auc_warnings(metrics: dict[str, dict[str, float]], max_drop: float) -> list[str]:
+    """A warning per int8 model whose AUC falls more than `max_drop` below fp32's."""
+    fp32 = metrics.get("fp32", {}).get("auc", math.nan)
+    out = []
+    for variant, values in metrics.items():
+        drop = fp32 - values.get("auc", math.nan)
+        if variant != "fp32" and drop > max_drop:
+            out.append(
+                f"the {variant} model's AUC is {100 * drop:.1f} points below fp32's "
+                f"({_pct(values['auc'])} vs {_pct(fp32)} on the evaluation data): deploy "
+                "fp32 for this model (int8 noise exceeds its normal/anomalous margin)"
+            )
+    return out
+
+
 def _eval_metrics(
     models: dict[str, bytes], scoring: Scoring, test: list[Clip], frontend, threads
 ) -> dict[str, dict[str, float]]:
@@ -357,6 +376,8 @@ def export_bundle(run_path: str | Path, out: str | Path, options: ExportOptions)
         report.metrics = _eval_metrics(
             {"fp32": fp32, **int8}, scoring, test, frontend, options.threads
         )
+        for warning in int8_auc_warnings(report.metrics, options.int8_max_auc_drop):
+            log.warning(warning)
 
     if options.format == "engine":
         report.engine = _engine(options, fp32, int8.get("int8"), frontend, scoring, real, out)
