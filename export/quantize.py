@@ -50,7 +50,7 @@ class Int8Config:
     # min-max ranges spend the 8 bits on rare peaks (dcase2020, 1 epoch: cosine to fp32
     # 0.946 with percentile, 0.923 with min-max).
     calibrate_method: str = "Percentile"
-    batch_size: int = 4  # calibration windows per ONNX Runtime call
+    batch_size: int = 4  # most calibration windows per ONNX Runtime call
 
 
 @contextlib.contextmanager
@@ -62,6 +62,12 @@ def _root_logging_at(level: int) -> Iterator[None]:
         yield
     finally:
         root.setLevel(before)
+
+
+def _even_batch(n: int, most: int) -> int:
+    """The largest batch <= most that divides n: onnxruntime's histogram calibrators stack
+    every batch's activations into one array and fail on a shorter last batch."""
+    return max(b for b in range(1, most + 1) if n % b == 0)
 
 
 class _Windows:
@@ -117,7 +123,7 @@ def quantize_int8(
             q.quantize_static(
                 prepared,
                 out,
-                _Windows(windows, frontend, names, config.batch_size),
+                _Windows(windows, frontend, names, _even_batch(len(windows), config.batch_size)),
                 quant_format=q.QuantFormat.QDQ,
                 op_types_to_quantize=list(config.op_types),
                 per_channel=config.per_channel,

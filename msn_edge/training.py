@@ -239,8 +239,10 @@ def _signals_deferred() -> Iterator[None]:
     def note(signum, frame):
         received.append(signum)
 
+    # A signal ignored at start (`nohup`, a background job) stays ignored.
+    wanted = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN]
     try:
-        previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, note) for s in wanted}
     except ValueError:  # not the main thread: leave signals alone
         yield
         return

@@ -9,7 +9,7 @@ from onnx import numpy_helper
 from msn_edge.checkpoint import load_checkpoint
 from msn_edge.export.pack import int8_auc_warnings
 from msn_edge.export.parity import cpu_engine, engine_embed, synthetic_windows
-from msn_edge.export.quantize import quantize_int8
+from msn_edge.export.quantize import Int8Config, quantize_int8
 from msn_edge.runtime.bundle import read_bundle
 from msn_edge.runtime.engines import make_engine
 
@@ -132,3 +132,15 @@ def test_int8_auc_loss_is_warned_about():
     assert "deploy fp32" in warning
     assert int8_auc_warnings(metrics, max_drop=0.5) == []
     assert int8_auc_warnings({"fp32": {"auc": 0.9}}, max_drop=0.0) == []
+
+
+@pytest.mark.parametrize("target", ["cpu", "tensorrt"])
+def test_calibration_on_a_window_count_no_batch_divides(exported, target):
+    # 5 windows: batches of 4 would leave a last batch of 1, which onnxruntime's
+    # histogram calibrator cannot stack (a run with 10 training clips failed this way).
+    run = load_checkpoint(exported.run)
+    fp32 = onnx.load_from_string(exported.member("model.onnx"))
+    windows = synthetic_windows(run.config.frontend)[:5]
+    assert len(windows) == 5
+    model = quantize_int8(fp32, windows, run.config.frontend, Int8Config(target=target))
+    assert {p.key: p.value for p in model.metadata_props}["int8_target"] == target

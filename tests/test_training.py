@@ -269,7 +269,21 @@ def test_sigterm_stops_like_ctrl_c():
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-def test_a_save_is_not_cut_short_by_ctrl_c():
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT as an interactive Python has it, even where the suite runs in the background
+    (`cmd &` starts with SIGINT ignored, and Python keeps it so)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def _ctrl_c_as_in_a_terminal() -> None:
+    """preexec_fn for a child that a terminal's Ctrl-C would reach (see ctrl_c_raises)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_a_save_is_not_cut_short_by_ctrl_c(ctrl_c_raises):
     done = []
     with pytest.raises(KeyboardInterrupt), _signals_deferred():
         os.kill(os.getpid(), signal.SIGINT)
@@ -277,6 +291,17 @@ def test_a_save_is_not_cut_short_by_ctrl_c():
         done.append(True)  # the block ran to its end first
     assert done == [True]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_ignored_ctrl_c_stays_ignored_during_a_save():
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under nohup
+    try:
+        with _signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # and no KeyboardInterrupt
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 # CLI -----------------------------------------------------------------------------------
@@ -321,6 +346,7 @@ def test_cli_ctrl_c_keeps_the_last_checkpoint_and_resumes(data, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_ctrl_c_as_in_a_terminal,
     )
     deadline = time.monotonic() + 120
     while not (run / "epochs" / "epoch_001.pt").exists() and time.monotonic() < deadline:
