@@ -27,6 +27,7 @@ def test_report_table_on_stdout_logs_on_stderr(exported):
     assert all(line.startswith("|") and line.endswith("|") for line in lines)  # only the table
     assert "| TensorRT 10 parser check | passed |" in lines
     assert "checking parity" in exported.output  # the log went to stderr
+    assert "onnx_ir" not in exported.output  # the exporter's internals stay quiet
 
 
 def test_bundle_gives_the_verdicts_of_the_checkpoint(exported):

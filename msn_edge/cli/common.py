@@ -28,6 +28,11 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+# Libraries that log their internals at INFO (the ONNX exporter logs one line per
+# deduplicated initializer, hundreds per export): their warnings only, unless --verbose.
+CHATTY_LIBRARIES = ("onnx_ir", "onnxscript", "torch.onnx")
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Logs go to stderr; stdout is for results and events."""
     logging.basicConfig(
@@ -36,3 +41,5 @@ def setup_logging(verbose: bool = False) -> None:
         stream=sys.stderr,
         force=True,
     )
+    for name in CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
