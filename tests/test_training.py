@@ -348,12 +348,16 @@ def test_cli_ctrl_c_keeps_the_last_checkpoint_and_resumes(data, tmp_path):
         text=True,
         preexec_fn=_ctrl_c_as_in_a_terminal,
     )
-    deadline = time.monotonic() + 120
-    while not (run / "epochs" / "epoch_001.pt").exists() and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "epochs" / "epoch_001.pt").exists() and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:  # a failed test leaves no 1000-epoch training behind
+        proc.kill()
+        proc.wait()
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1].startswith("Interrupted; last complete checkpoint:")
     assert "Traceback" not in err
