@@ -183,7 +183,7 @@ def profile_section(bundle_path: Path, settings: BenchSettings, rounds: int) -> 
         "shows why the CPU gets a uint8-activation model of its own.",
         "",
     ]
-    for variant in bundle.precisions:
+    for variant in bundle.variants:
         p = profile_model(
             bundle.model_bytes(variant),
             inputs,
@@ -200,7 +200,7 @@ def profile_section(bundle_path: Path, settings: BenchSettings, rounds: int) -> 
         "|---|---|---:|---:|---:|",
     ]
     threads = sorted({1, settings.threads})
-    for variant in bundle.precisions:
+    for variant in bundle.variants:
         for level, n, best, p50 in sweep_sessions(
             bundle.model_bytes(variant), inputs, threads, rounds
         ):

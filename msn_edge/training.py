@@ -22,7 +22,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -214,43 +214,38 @@ def _load_waves(clips: Sequence[Clip], frontend: FrontendConfig, progress: bool)
 
 
 @contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (e.g. from a scheduler) stops training the way Ctrl-C does."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
+def _handling(signals: tuple[int, ...], handler) -> Iterator[None]:
+    """`handler` for `signals` during the block, then the previous handlers. A signal
+    ignored at start (`nohup`, a background job) stays ignored; outside the main thread
+    signals are left alone."""
+    wanted = [s for s in signals if signal.getsignal(s) != signal.SIG_IGN]
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
+        previous = {s: signal.signal(s, handler) for s in wanted}
+    except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _sigterm_as_interrupt() -> AbstractContextManager[None]:
+    """SIGTERM (e.g. from a scheduler) stops training the way Ctrl-C does."""
+    return _handling((signal.SIGTERM,), _raise_interrupt)
 
 
 @contextmanager
 def _signals_deferred() -> Iterator[None]:
     """Ctrl-C and SIGTERM wait until the block is done, then stop as usual."""
     received = []
-
-    def note(signum, frame):
-        received.append(signum)
-
-    # A signal ignored at start (`nohup`, a background job) stays ignored.
-    wanted = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN]
-    try:
-        previous = {s: signal.signal(s, note) for s in wanted}
-    except ValueError:  # not the main thread: leave signals alone
+    with _handling((signal.SIGINT, signal.SIGTERM), lambda signum, frame: received.append(signum)):
         yield
-        return
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
     if received:
         raise KeyboardInterrupt
 

@@ -380,7 +380,7 @@ def _module_missing(name: str) -> bool:
 def _skip_reason(
     case: Case, bundle, reasons: dict[str, str | None], checkpoint: str | None
 ) -> str | None:
-    if case.precision == "int8" and "int8" not in bundle.precisions:
+    if case.precision == "int8" and "int8" not in bundle.variants:
         return "the bundle has no int8 model (export it with --int8)"
     if case.backend == "pytorch":
         if _module_missing("torch"):
@@ -563,7 +563,7 @@ def run_benchmark(
         bundle={
             "path": str(bundle_path),
             "sha256": bundle.sha256,
-            "precisions": bundle.precisions,
+            "models": bundle.variants,
             "preset": bundle.manifest.get("metadata", {}).get("preset"),
         },
         settings=settings,

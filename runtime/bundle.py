@@ -93,7 +93,7 @@ class Bundle:
         if variant not in self._models:
             raise BundleError(
                 f"{self.path}: the bundle has no {variant} model (it holds: "
-                f"{', '.join(self.precisions)}); export it with --int8"
+                f"{', '.join(self.variants)}); export it with --int8"
             )
         return self._models[variant]
 
@@ -102,7 +102,7 @@ class Bundle:
         return self.model_bytes("int8-cpu" if "int8-cpu" in self._models else "int8")
 
     @property
-    def precisions(self) -> list[str]:
+    def variants(self) -> list[str]:
         """The model variants the bundle holds, in MODEL_MEMBERS order."""
         return [p for p in MODEL_MEMBERS if p in self._models]
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_helpers import make_bench_fast
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 from toy_bundle import make_toy_bundle
@@ -39,16 +40,11 @@ from msn_edge.runtime.profile import (
 )
 
 FAST = BenchSettings(iterations=5, warmup=1, batch=4, threads=1)
-SMALL_GEMM = {"cpu": 256, "gpu": 1024}  # a peak in milliseconds: these tests check the report
-
-
-FAST_SETTLE_S = 0.01  # these tests check the report, not timings: short pauses
 
 
 @pytest.fixture(autouse=True)
-def small_gemm(monkeypatch):
-    monkeypatch.setattr(bench, "GEMM_SIZE", SMALL_GEMM)
-    monkeypatch.setattr(bench, "SETTLE_S", FAST_SETTLE_S)
+def fast_bench(monkeypatch):
+    make_bench_fast(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +55,7 @@ def toy(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def toy_report(toy):
     with pytest.MonkeyPatch.context() as mp:  # module scope: no monkeypatch fixture
-        mp.setattr(bench, "GEMM_SIZE", SMALL_GEMM)
-        mp.setattr(bench, "SETTLE_S", FAST_SETTLE_S)
+        make_bench_fast(mp)
         return run_benchmark(toy, FAST)
 
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from bench_helpers import SMALL_GEMM, make_bench_fast
 from click.testing import CliRunner
 from export_helpers import make_run
-from test_bench import FAST_SETTLE_S, SMALL_GEMM
 
 from msn_edge.cli import main
 from msn_edge.config import preset
@@ -63,8 +63,7 @@ def tiny_bench(tmp_path_factory) -> TinyBench:
     args += ["--iterations", str(ITERATIONS), "--warmup", str(WARMUP)]
     args += ["--batch", str(BATCH), "--threads", str(THREADS)]
     with pytest.MonkeyPatch.context() as mp:  # module scope: test_bench's small GEMM peak
-        mp.setattr(bench, "GEMM_SIZE", SMALL_GEMM)
-        mp.setattr(bench, "SETTLE_S", FAST_SETTLE_S)
+        make_bench_fast(mp)
         res = runner.invoke(main, args)
     assert res.exit_code == 0, res.output
     return TinyBench(run, bundle, res.stdout, json.loads(out.read_text()))
@@ -78,7 +77,7 @@ def test_tiny_report_describes_the_bundle_and_the_settings(tiny_bench):
     r = tiny_bench.report
     assert r["bundle"]["preset"] == "tiny"
     assert r["bundle"]["path"] == str(tiny_bench.bundle)
-    assert {"fp32", "int8"} <= set(r["bundle"]["precisions"])
+    assert {"fp32", "int8"} <= set(r["bundle"]["models"])
     assert r["window_s"] == 10.0 == preset("tiny").frontend.window_s
     assert r["settings"] == {
         "iterations": ITERATIONS,

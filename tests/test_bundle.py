@@ -96,7 +96,7 @@ def test_round_trip_keeps_everything(tmp_path):
     assert b.prototypes.dtype == np.float32
     assert b.groups == _groups()
     assert b.frontend == FRONTEND
-    assert b.precisions == ["fp32", "int8", "int8-cpu"]
+    assert b.variants == ["fp32", "int8", "int8-cpu"]
     assert b.model_bytes() == b"fp32-model-bytes"
     assert b.model_bytes("int8") == b"int8-model-bytes"
     assert b.model_bytes("int8-cpu") == b"int8-cpu-model-bytes"
@@ -142,7 +142,7 @@ def test_group_lookup_default_and_unknown(tmp_path):
 
 def test_missing_int8_model_is_a_clear_error(tmp_path):
     b = read_bundle(_write(tmp_path / "fan.msn"))
-    assert b.precisions == ["fp32"]
+    assert b.variants == ["fp32"]
     with pytest.raises(
         BundleError, match=r"fan\.msn: the bundle has no int8 model \(it holds: fp32\)"
     ):
@@ -159,7 +159,7 @@ def test_format_1_bundle_reads_and_runs_int8_on_the_cpu_from_its_one_model(tmp_p
     members = _with_manifest(_members(path), lambda m: m.update(format=1))
     b = read_bundle(_rezip(tmp_path / "v1.msn", members))
     assert b.manifest["format"] == 1 and BUNDLE_FORMAT == 2
-    assert b.precisions == ["fp32", "int8"]
+    assert b.variants == ["fp32", "int8"]
     assert b.int8_for_cpu() == b"int8-model-bytes"
 
 

@@ -153,7 +153,7 @@ def _profiles(bundle_path: Path, settings, cases) -> list:
     fe = bundle.frontend
     inputs = features(synthetic_windows(fe.window_samples, 1, settings.seed), fe)
     models = {"fp32": bundle.model_bytes("fp32")}
-    if "int8" in bundle.precisions:
+    if "int8" in bundle.variants:
         models["int8"] = bundle.int8_for_cpu()  # the model the ort-cpu-int8 row runs
     wanted = [c.precision for c in cases if c.backend == "cpu"]
     return [
