@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from msn_edge.model import MSN, ScanningBranch
+from msn_edge.model import MSN, ScanningBranch, prepare_inputs
 
 
 def _transpose_convs(module: nn.Module) -> nn.Module:
@@ -131,6 +131,7 @@ class ExportableMSN(nn.Module):
         self.spectrum = _fold_batchnorm(copy.deepcopy(model.spectrum))
         self.scanning = ExportScan(model.scanning)
         self.fusion = copy.deepcopy(model.fusion)  # its BatchNorm follows a concat: kept
+        self.cfg = model.cfg
 
     @classmethod
     def from_trained(cls, model: MSN) -> ExportableMSN:
@@ -139,7 +140,7 @@ class ExportableMSN(nn.Module):
 
     def forward(self, spectrogram: torch.Tensor, spectrum: torch.Tensor) -> torch.Tensor:
         # Same data flow as MSN.forward, then the unit-length embedding the runtime scores.
-        spec = spectrogram - spectrogram.mean(dim=2, keepdim=True)
+        spec, spectrum = prepare_inputs(spectrogram, spectrum, self.cfg)
         a = self.spectrogram(spec)
         c = self.scanning(spec)
         spec_emb = self.fusion(torch.cat([a, c], dim=1))

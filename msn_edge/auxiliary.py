@@ -41,10 +41,25 @@ SYNTH_IDS = 2  # synthetic machines per kind
 SYNTH_MACHINE_SEED = 7919
 
 
-def _speed(factor: float) -> Callable[[np.ndarray, int], np.ndarray]:
-    """Play `factor` times as fast: resampling shifts pitch and tempo together."""
+def play_at_speed(wave: np.ndarray, factor: float) -> np.ndarray:
+    """`wave` played `factor` times as fast (resampling shifts pitch and tempo together),
+    at the RMS of `wave` so that loudness never tells a speed class (float32)."""
     ratio = Fraction(factor).limit_denominator(MAX_RATIO_DENOMINATOR)
-    return lambda x, sr: resample_poly(x, ratio.denominator, ratio.numerator)
+    out = resample_poly(wave.astype(np.float64), ratio.denominator, ratio.numerator)
+    rms_in, rms_out = np.sqrt(np.mean(np.square(wave, dtype=np.float64))), np.sqrt(np.mean(out**2))
+    if rms_out > 0:
+        out *= rms_in / rms_out
+    return out.astype(np.float32)
+
+
+def _speed(factor: float) -> Callable[[np.ndarray, int], np.ndarray]:
+    return lambda x, sr: play_at_speed(x, factor)
+
+
+def speed_class_names(real: Sequence[str], speeds: Sequence[float]) -> list[str]:
+    """Names of the self-supervised speed classes, class-major: label
+    len(real) + i·len(speeds) + k is class i played at speeds[k]."""
+    return [f"{name}@speed_{f:.2f}" for name in real for f in speeds]
 
 
 # name -> f(wave, sample_rate); each is one pseudo-class.
@@ -118,6 +133,18 @@ def build_classes(
     index = {name: i for i, name in enumerate(real)}
     labels = [index[c.class_name] for c in clips]
     need = config.train.min_classes
+    speeds = config.train.speed_classes
+    if speeds:
+        # Every class at every speed: enough classes whatever the data; the training set
+        # draws the speeds on the fly (msn_edge.training.MixupSet).
+        if aux in ("synth", "both"):
+            raise DatasetError(
+                f"--aux {aux} adds synthetic machines to the paper's recipe; this config "
+                "trains with speed classes (train.speed_classes), which need none: use "
+                "--aux transforms, or --recipe paper"
+            )
+        info = {"mode": "speed_classes", "speeds": list(speeds), "real_classes": real}
+        return ClassPlan(real + speed_class_names(real, speeds), labels, info, [], [])
     if len(real) >= need:
         return ClassPlan(real, labels, None, [], [])
     found = f"{len(real)} class{'es' if len(real) != 1 else ''} ({', '.join(real)})"

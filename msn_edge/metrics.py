@@ -51,6 +51,17 @@ def pauc(labels: np.ndarray, scores: np.ndarray, max_fpr: float = MAX_FPR) -> fl
     return float(roc_auc_score(labels, scores, max_fpr=max_fpr))
 
 
+def auc_standard_error(value: float, n_anomaly: int, n_normal: int) -> float:
+    """Standard error of an AUC estimated from n_anomaly and n_normal clips (Hanley and
+    McNeil, 1982): what a margin between two AUCs must be measured in."""
+    q1 = value / (2 - value)
+    q2 = 2 * value**2 / (1 + value)
+    var = (
+        value * (1 - value) + (n_anomaly - 1) * (q1 - value**2) + (n_normal - 1) * (q2 - value**2)
+    ) / (n_anomaly * n_normal)
+    return math.sqrt(max(var, 0.0))
+
+
 @dataclass
 class GroupMetrics:
     """One scoring group's metrics (fractions in [0, 1], NaN where undefined)."""

@@ -12,6 +12,10 @@ from torch import nn
 
 from msn_edge.config import ModelConfig
 
+# Added before the log of a magnitude: below the quantisation floor of 16-bit audio
+# (~3e-4 for a Hann window of 1024), so only digital silence reaches it.
+LOG_FLOOR = 1e-5
+
 
 def box_starts(size: int, box: int, n_positions: int) -> list[int]:
     """Start offsets of one box side along an axis of `size` (spec §2c).
@@ -213,6 +217,23 @@ class ScanningBranch(nn.Module):
         return self.head(torch.cat(codes, dim=1))  # (B, branch_dim)
 
 
+def prepare_inputs(
+    spec: torch.Tensor, spectrum: torch.Tensor, cfg: ModelConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The branches' inputs from the front-end's magnitudes (in the graph, so exported).
+
+    `input_scale` "log" compresses both magnitudes (a fault 30 dB below a shaft tone is
+    then a visible number, not a rounding error next to it); "linear" is the paper's.
+    The spectrogram then loses its per-frequency mean over time (reference).
+    """
+    if cfg.input_scale == "log":
+        spec = torch.log(spec + LOG_FLOOR)
+        spectrum = torch.log(spectrum + LOG_FLOOR)
+    if cfg.center_spectrogram:
+        spec = spec - spec.mean(dim=2, keepdim=True)
+    return spec, spectrum
+
+
 class MSN(nn.Module):
     """Spectrogram + scanning branches fused, joined with the spectrum branch: (B, 256)."""
 
@@ -231,7 +252,7 @@ class MSN(nn.Module):
 
     def forward(self, spec: torch.Tensor, spectrum: torch.Tensor) -> torch.Tensor:
         # spec: (B, F, T) magnitude; spectrum: (B, S) utterance spectrum magnitude.
-        spec = spec - spec.mean(dim=2, keepdim=True)  # per-frequency mean over time removed
+        spec, spectrum = prepare_inputs(spec, spectrum, self.cfg)  # scaled, spec centred
         a = self.spectrogram(spec)  # (B, C_last): 256 in the full model
         c = self.scanning(spec)  # (B, branch_dim)
         spec_emb = self.fusion(torch.cat([a, c], dim=1))  # (B, spectrogram_embed_dim)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -438,6 +438,22 @@ def _slider(m: Slider, rng, arng, n, sr, anomaly, gate, span):
 _FAMILIES = {"fan": _fan, "valve": _valve, "slider": _slider}
 
 
+def at_speed(m: Machine, factor: float) -> Machine:
+    """The same machine run `factor` times as fast (another operating point).
+
+    A fan's shaft turns faster, a valve cycles faster, a slider's carriage strokes faster,
+    as when a plant changes a machine's load or set-point: the domain shift that
+    `synthesize(test_speed=...)` puts between training and test clips.
+    """
+    if factor <= 0:
+        raise ValueError(f"speed factor must be > 0, got {factor}")
+    if isinstance(m, Fan):
+        return replace(m, shaft_hz=m.shaft_hz * factor)
+    if isinstance(m, Valve):
+        return replace(m, period_s=m.period_s / factor)
+    return replace(m, stroke_s=m.stroke_s / factor)
+
+
 def _kind_index(kind: str) -> int:
     if kind not in KINDS:
         raise ValueError(f"unknown machine kind {kind!r}; expected one of {KINDS}")
@@ -549,6 +565,7 @@ def synthesize(
     n_test_anomaly: int = 10,
     seconds: float = 10.0,
     sample_rate: int = SAMPLE_RATE,
+    test_speed: float = 1.0,
     progress: bool = False,
 ) -> dict:
     """Write a data set in the DCASE 2020 layout and return its counts.
@@ -561,6 +578,8 @@ def synthesize(
 
     The defaults (3 kinds x 2 IDs, 30 + 10 + 10 clips of 10 s each: 300 clips, 6 classes)
     take ~15 s to write and are sized for training the `tiny` preset on a CPU.
+    `test_speed` != 1 runs every test clip, normal or not, at that speed (`at_speed`):
+    a domain shift, normal operating points that training never heard.
     """
     from tqdm import tqdm
 
@@ -586,7 +605,10 @@ def synthesize(
     for kind, mid, split, label, i in tqdm(jobs, desc="synth", unit="clip", disable=not progress):
         rng = np.random.default_rng([seed, _kind_index(kind), mid, _STREAMS[split, label], i])
         anomaly = ANOMALIES[kind][i % len(ANOMALIES[kind])] if label == "anomaly" else None
-        wave = _render(kind, machine(kind, mid, seed=seed), rng, n, sample_rate, anomaly, (0, n))
+        m = machine(kind, mid, seed=seed)
+        if split == "test":
+            m = at_speed(m, test_speed)
+        wave = _render(kind, m, rng, n, sample_rate, anomaly, (0, n))
         rel = Path(kind, split, f"{label}_id_{mid:02d}_{i:08d}.wav")
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         sf.write(out / rel, wave, sample_rate, subtype=SUBTYPE)
@@ -598,6 +620,7 @@ def synthesize(
         "seed": seed,
         "seconds": seconds,
         "sample_rate": sample_rate,
+        "test_speed": test_speed,
         "machines": {
             f"{k}/id_{i:02d}": asdict(machine(k, i, seed=seed))
             for k in kinds

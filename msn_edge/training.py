@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from msn_edge import prototypes
-from msn_edge.auxiliary import ClassPlan, build_classes
+from msn_edge.auxiliary import ClassPlan, build_classes, play_at_speed
 from msn_edge.checkpoint import (
     CHECKPOINT_FILE,
     CheckpointError,
@@ -100,41 +100,75 @@ class MixupSet(Dataset):
     def __len__(self) -> int:
         return len(self.waves)
 
-    def _window(self, i: int, rng: np.random.Generator) -> np.ndarray:
-        wave = self.waves[i]
+    def _window(self, i: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+        """A window of clip i, and its label: with `speed_classes`, the clip is played
+        at a speed drawn uniformly from (1, *speeds), each speed a class of its own."""
+        wave, label = self.waves[i], int(self.labels[i])
+        speeds = self.train.speed_classes
+        k = int(rng.integers(len(speeds) + 1)) if speeds else 0
+        if k:
+            wave = play_at_speed(wave, speeds[k - 1])
+            n_real = self.n_classes // (len(speeds) + 1)
+            label = n_real + label * len(speeds) + k - 1
         offset = int(rng.integers(wave.size)) if self.train.random_offset else 0
-        return fit_window(wave, self.frontend.window_samples, offset)
+        return fit_window(wave, self.frontend.window_samples, offset), label
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng((self.train.seed, self.epoch, i))
         target = np.zeros(self.n_classes, dtype=np.float32)
-        window = self._window(i, rng)
+        window, label = self._window(i, rng)
         if rng.random() < self.train.mixup_prob:
             j = int(rng.integers(len(self)))
             lam = rng.beta(self.train.mixup_alpha, self.train.mixup_alpha)
-            window = lam * window + (1 - lam) * self._window(j, rng)
-            target[self.labels[i]] += lam
-            target[self.labels[j]] += 1 - lam
+            partner, label_j = self._window(j, rng)
+            window = lam * window + (1 - lam) * partner
+            target[label] += lam
+            target[label_j] += 1 - lam
         else:
             eps = rng.uniform(0, self.train.label_smoothing_max)
             target += eps / self.n_classes
-            target[self.labels[i]] += 1 - eps
+            target[label] += 1 - eps
         spec, spectrum = features(window.astype(np.float32), self.frontend)
         return torch.from_numpy(spec), torch.from_numpy(spectrum), torch.from_numpy(target)
 
 
 class Classifier(nn.Module):
-    """MSN and its loss head as one module, so that DDP synchronises both."""
+    """MSN and its loss head as one module, so that DDP synchronises both.
 
-    def __init__(self, msn: MSN, head: SubClusterAdaCos):
+    With `feature_exchange` (FeatEx, Wilkinghoff 2024), the head classifies 2C classes:
+    every clip's own embedding [spectrum_i ‖ spectrogram_i] is labelled with its class
+    among the first C, and an exchanged one [spectrum_π(i) ‖ spectrogram_i], π a random
+    permutation of the batch, with the mean of both clips' targets among the last C.
+    Telling the two apart needs the branches to agree on details of the very clip, not
+    only on its class: that keeps the embedding from collapsing within a class.
+    """
+
+    def __init__(self, msn: MSN, head: SubClusterAdaCos, feature_exchange: bool = False):
         super().__init__()
         self.msn = msn
         self.head = head
+        self.feature_exchange = feature_exchange
+        self.split = msn.cfg.spectrum_dim  # the embedding is [spectrum ‖ spectrogram]
 
     def forward(self, spec: torch.Tensor, spectrum: torch.Tensor, target: torch.Tensor):
         emb = self.msn(spec, spectrum)  # (B, D), under autocast when enabled
         with torch.autocast(emb.device.type, enabled=False):
-            return self.head(emb.float(), target)  # the loss in float32
+            emb = emb.float()
+            if self.feature_exchange:
+                emb, target = exchange_features(emb, target, self.split)
+            return self.head(emb, target)  # the loss in float32
+
+
+def exchange_features(
+    emb: torch.Tensor, target: torch.Tensor, split: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FeatEx: (B, D), (B, C) -> (2B, D), (2B, 2C); own clips first, exchanged after."""
+    perm = torch.randperm(len(emb), device=emb.device)
+    mixed = torch.cat([emb[perm, :split], emb[:, split:]], dim=1)
+    zeros = torch.zeros_like(target)
+    own = torch.cat([target, zeros], dim=1)
+    exchanged = torch.cat([zeros, 0.5 * (target + target[perm])], dim=1)
+    return torch.cat([emb, mixed]), torch.cat([own, exchanged])
 
 
 class Stepper:
@@ -371,14 +405,17 @@ class _Run:
         )
         if len(dataset) < MIN_BATCH * self.ddp.world:
             raise DatasetError(f"{len(dataset)} training clips are too few to train on")
+        self.epochs = self._epochs(len(dataset))
         try:
-            for epoch in range(start, tc.epochs):
+            for epoch in range(start, self.epochs):
                 loss, record = self._epoch(dataset, epoch)
                 with _signals_deferred():  # an epoch is saved whole, or not at all
                     if self.ddp.main:
                         result.checkpoint = self._save(epoch + 1, record)
                     result.losses.append(loss)
                     result.epoch = epoch + 1
+            if result.checkpoint is None and self.ddp.main:  # epochs 0: the initial weights
+                result.checkpoint = self._save(start, None)
             if fit_scoring and self.ddp.main:
                 _fit_scoring(self.msn, self.config, clips, self.run_dir, self.dev, self.show)
                 result.scoring_fitted = True
@@ -391,12 +428,23 @@ class _Run:
                 log.warning("interrupted; last complete checkpoint: %s", where)
         return result
 
+    def _epochs(self, n_items: int) -> int:
+        """`epochs`, or more where the data is so small that they make fewer than
+        `min_steps` optimizer steps (a batch of 64 over 55 clips is one step an epoch)."""
+        tc = self.config.train
+        per_epoch = max(1, -(-n_items // tc.batch_size))
+        epochs = max(tc.epochs, -(-tc.min_steps // per_epoch))
+        if epochs > tc.epochs:
+            log.info("%d epochs of %d steps reach min_steps %d", epochs, per_epoch, tc.min_steps)
+        return epochs
+
     def _build(self, n_classes: int) -> None:
         tc = self.config.train
         torch.manual_seed(tc.seed)  # the same initial weights on every rank
         self.msn = MSN(self.config.model)
-        self.head = SubClusterAdaCos(self.config.model.embedding_dim, n_classes, tc.sub_clusters)
-        net = Classifier(self.msn, self.head).to(self.dev)
+        head_classes = 2 * n_classes if tc.feature_exchange else n_classes
+        self.head = SubClusterAdaCos(self.config.model.embedding_dim, head_classes, tc.sub_clusters)
+        net = Classifier(self.msn, self.head, tc.feature_exchange).to(self.dev)
         self.optimizer = torch.optim.Adam(net.parameters(), lr=tc.lr)
         self.model = DistributedDataParallel(net) if self.ddp.world > 1 else net
         self.step = Stepper(self.model, self.optimizer, self.dev, tc.amp)
@@ -437,7 +485,7 @@ class _Run:
         self.model.train()
         total = torch.zeros((), device=self.dev)
         count = torch.zeros((), device=self.dev)
-        desc = f"epoch {epoch + 1}/{self.config.train.epochs}"
+        desc = f"epoch {epoch + 1}/{self.epochs}"
         loader = self._loader(dataset, epoch)
         bar = tqdm(loader, desc=desc, unit="batch", disable=not self.show, leave=False)
         for batch in bar:
@@ -461,7 +509,7 @@ class _Run:
         log.info("%s: loss %.4f, scale %.2f, %.1f s", desc, mean, record["scale"], seconds)
         return mean, record
 
-    def _save(self, epoch: int, record: dict) -> Path:
+    def _save(self, epoch: int, record: dict | None) -> Path:
         """checkpoint.pt (with optimizer and RNG), epochs/epoch_NNN.pt (weights), the log."""
         state = {
             **self.meta,
@@ -472,8 +520,9 @@ class _Run:
         full = {**state, "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}
         path = save_checkpoint(self.ckpt_path, full)
         save_checkpoint(epoch_path(self.run_dir, epoch), state)
-        with open(self.run_dir / LOG_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if record is not None:
+            with open(self.run_dir / LOG_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
         return path
 
 

@@ -23,6 +23,10 @@ msn-edge train "$out/data" -o "$out/run" --preset tiny ${EPOCHS:+--epochs "$EPOC
 step "3/6 evaluate on the test clips (normal + anomalous)"
 msn-edge evaluate "$out/run" --data "$out/data"
 
+step "3/6 side by side: MSN and the DCASE 2020 autoencoder baseline on the same clips"
+python benchmarks/accuracy.py --data "$out/data" --msn-run "$out/run" --seeds 0 \
+  --systems msn autoencoder --no-int8 --work "$out/accuracy"
+
 step "4/6 export one bundle file: ONNX with parity check, INT8"
 msn-edge export "$out/run" -o "$out/machine.msn" --int8 --eval-data "$out/data"
 

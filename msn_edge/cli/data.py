@@ -49,6 +49,14 @@ from msn_edge.synth import KINDS
     type=click.FloatRange(min=1.0),
     help="Clip length.",
 )
+@click.option(
+    "--test-speed",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0.5, 2.0),
+    help="Run the test clips' machines this much faster: a domain shift (normal "
+    "operating points not in training).",
+)
 @user_errors
 def synth_command(
     out: Path,
@@ -58,6 +66,7 @@ def synth_command(
     n_train: int,
     n_test: int,
     seconds: float,
+    test_speed: float,
 ) -> None:
     """Write a synthetic machine-sound data set to OUT, in the DCASE 2020 layout.
 
@@ -83,6 +92,7 @@ def synth_command(
         n_test_normal=n_test,
         n_test_anomaly=n_test,
         seconds=seconds,
+        test_speed=test_speed,
         progress=True,
     )
     minutes = summary["seconds"] / 60

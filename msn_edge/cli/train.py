@@ -12,7 +12,7 @@ import click
 
 from msn_edge.cli import main
 from msn_edge.cli.common import setup_logging, user_errors
-from msn_edge.config import PRESETS
+from msn_edge.config import PRESETS, RECIPES
 
 AUX_CHOICES = ("transforms", "both", "synth", "none")
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
@@ -37,6 +37,13 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
     default="dcase2020",
     show_default=True,
     help="Model and front-end size.",
+)
+@click.option(
+    "--recipe",
+    type=click.Choice(list(RECIPES)),
+    default=None,
+    help="How to train: msn-edge's (log inputs, speed classes) or the paper's  "
+    "[default: the preset's, msn-edge]",
 )
 @click.option(
     "--epochs", type=click.IntRange(min=1), default=None, help="Epochs  [default: the preset's]"
@@ -76,7 +83,18 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
 @user_errors
 def train(
-    data, run_dir, preset_name, epochs, batch_size, seed, workers, resume, device, aux, no_progress
+    data,
+    run_dir,
+    preset_name,
+    recipe,
+    epochs,
+    batch_size,
+    seed,
+    workers,
+    resume,
+    device,
+    aux,
+    no_progress,
 ):
     """Train an MSN on the normal training clips of DATA (one or more data sets, jointly).
 
@@ -97,7 +115,7 @@ def train(
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from msn_edge.checkpoint import read_checkpoint
-    from msn_edge.config import Config, preset
+    from msn_edge.config import Config, preset, with_recipe
     from msn_edge.training import train as run_training
 
     preset_given = click.get_current_context().get_parameter_source("preset_name")
@@ -105,6 +123,8 @@ def train(
         config = Config.from_dict(read_checkpoint(run_dir)["config"])  # the run's own
     else:
         config = preset(preset_name)
+    if recipe:
+        config = with_recipe(config, recipe)
     overrides = {"epochs": epochs, "batch_size": batch_size, "seed": seed, "num_workers": workers}
     config = replace(
         config, train=replace(config.train, **{k: v for k, v in overrides.items() if v is not None})
