@@ -394,3 +394,60 @@ def simple_config(
             raise ConfigError("--name names a single stream; use a --config file for several")
         streams = [replace(streams[0], name=name)]
     return MonitorConfig(inputs=specs, streams=streams)
+
+
+def with_outputs(
+    config: MonitorConfig,
+    *,
+    events_file: Path | None = None,
+    max_batch: int | None = None,
+    max_wait_s: float | None = None,
+    metrics_port: int | None = None,
+    metrics_addr: str | None = None,
+    mqtt_url: str | None = None,
+    mqtt_topic: str | None = None,
+    mqtt_client_id: str | None = None,
+    mqtt_username: str | None = None,
+    mqtt_password_file: Path | None = None,
+    mqtt_ca: Path | None = None,
+    mqtt_cert: Path | None = None,
+    mqtt_key: Path | None = None,
+    mqtt_queue: Path | None = None,
+    mqtt_queue_max: int | None = None,
+) -> MonitorConfig:
+    """`config` with the command line's output and batching options laid over it."""
+    batch = BatchPolicy(
+        config.batch.max_batch if max_batch is None else max_batch,
+        config.batch.max_wait_s if max_wait_s is None else max_wait_s,
+    )
+    mqtt = config.mqtt
+    overrides = {
+        "topic": mqtt_topic,
+        "client_id": mqtt_client_id,
+        "username": mqtt_username,
+        "password_file": mqtt_password_file,
+        "ca_file": mqtt_ca,
+        "cert_file": mqtt_cert,
+        "key_file": mqtt_key,
+        "queue_dir": mqtt_queue,
+        "queue_max": mqtt_queue_max,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if mqtt_url is not None:
+        mqtt = (
+            replace(mqtt, url=mqtt_url, **overrides)
+            if mqtt
+            else MqttSettings(mqtt_url, **overrides)
+        )
+    elif overrides:
+        if mqtt is None:
+            raise ConfigError("--mqtt-* options need --mqtt URL (or [mqtt] in the config)")
+        mqtt = replace(mqtt, **overrides)
+    return replace(
+        config,
+        batch=batch,
+        mqtt=mqtt,
+        events_file=config.events_file if events_file is None else events_file,
+        metrics_port=config.metrics_port if metrics_port is None else metrics_port,
+        metrics_addr=config.metrics_addr if metrics_addr is None else metrics_addr,
+    )
