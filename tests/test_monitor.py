@@ -430,6 +430,10 @@ def test_service_unit_is_valid_and_uses_real_options(tmp_path):
     assert words[1] == "monitor"
     monitor_options = {o for p in main.commands["monitor"].params for o in p.opts}
     assert {w for w in words if w.startswith("--")} <= monitor_options
+    service = dict(
+        line.split("=", 1) for line in unit.splitlines() if "=" in line and line[0].isalpha()
+    )
+    assert service["Type"] == "notify" and int(service["WatchdogSec"]) > 0  # sd_notify pings
     analyze, exe = shutil.which("systemd-analyze"), shutil.which("msn-edge")
     if not (analyze and exe):
         pytest.skip("systemd-analyze or the msn-edge entry point is not installed")

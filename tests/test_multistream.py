@@ -357,3 +357,32 @@ def test_cli_runs_several_inputs_and_a_config(toy, tmp_path):
         main, ["monitor", "--config", str(tmp_path / "m.toml"), "--hop", "0.5"]
     )
     assert result.exit_code == 2 and "drop --hop" in result.stderr
+
+
+def test_two_fifos_are_read_side_by_side(toy, tmp_path):
+    """FIFOs (raw s16le mono) as inputs: each read by its own thread, neither blocks."""
+    import os
+
+    waves = {"a": recording("nna", 1.0, 5), "b": recording("aan", 1.0, 6)}
+    for name in waves:
+        os.mkfifo(tmp_path / name)
+
+    def write(name: str) -> None:
+        with open(tmp_path / name, "wb") as f:
+            f.write(waves[name].astype("<i2").tobytes())
+
+    writers = [threading.Thread(target=write, args=(n,)) for n in waves]
+    for w in writers:
+        w.start()
+    result = CliRunner().invoke(
+        main,
+        ["monitor", str(toy), "--alarm-after", "0", "--input", str(tmp_path / "a")]
+        + ["--input", str(tmp_path / "b")],
+    )
+    for w in writers:
+        w.join(timeout=10)
+    assert result.exit_code == 0, result.stderr
+    events = [json.loads(x) for x in result.stdout.splitlines()]
+    for name, pattern in (("a", "nna"), ("b", "aan")):
+        mine = [e["verdict"][0] for e in events if e["stream"] == name]
+        assert "".join(mine) == pattern
