@@ -307,3 +307,42 @@ def test_systemd_notify_ready_watchdog_stopping(toy, tmp_path):
     pings = messages.count("WATCHDOG=1")
     assert pings >= 4, messages  # 2 s of audio, a ping at least every 0.1 s requested
     assert messages[-1] == "STOPPING=1"
+
+
+@pytest.mark.parametrize(
+    ("module", "option", "hint"),
+    [
+        ("paho.mqtt.client", ["--mqtt", "mqtt://127.0.0.1:1"], "MQTT needs paho-mqtt"),
+        ("prometheus_client", ["--metrics-port", "0"], "--metrics-port needs prometheus_client"),
+    ],
+)
+def test_missing_fleet_packages_are_one_line_with_the_install_hint(
+    toy, tmp_path, monkeypatch, module, option, hint
+):
+    from click.testing import CliRunner
+
+    from msn_edge.cli import main
+
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    write_recording(tmp_path / "x.wav", "n", seed=0)
+    result = CliRunner().invoke(
+        main, ["monitor", str(toy), "--input", str(tmp_path / "x.wav")] + option
+    )
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Error: {hint}: pip install 'msn-edge[fleet]'"
+    )
+
+
+def test_bad_mqtt_url_is_one_line(toy, tmp_path):
+    from click.testing import CliRunner
+
+    from msn_edge.cli import main
+
+    pytest.importorskip("paho.mqtt.client")
+    write_recording(tmp_path / "x.wav", "n", seed=0)
+    result = CliRunner().invoke(
+        main, ["monitor", str(toy), "--input", str(tmp_path / "x.wav"), "--mqtt", "http://x"]
+    )
+    assert result.exit_code == 1
+    assert "expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]" in result.stderr
