@@ -197,6 +197,11 @@ class Stream:
         self._emitted += len(windows)
         return windows
 
+    def end(self, stats: SourceStats) -> None:
+        """The input ended; `stats` are its final counters."""
+        self._stats = stats
+        self.ended = True
+
     def events(self, window: Window, scored: ScoredLike) -> list[dict]:
         """The window's event and, when the alarm state changes, an alarm/clear event."""
         stats = self._stats
@@ -403,8 +408,7 @@ class Monitor:
         if chunk is None:
             inp.ended = True
             for _, stream in inp.streams:
-                stream._stats = stats
-                stream.ended = True
+                stream.end(stats)
             return
         now = time.monotonic()
         data = chunk.samples
