@@ -381,22 +381,32 @@ class Monitor:
     # -- reading ------------------------------------------------------------------------
 
     def _pump(self, inp: Input) -> None:
-        """A live input's reader thread: chunks (with counters and arrival time) to the queue."""
+        """A live input's reader thread: chunks (with counters and arrival time) to the queue.
+
+        Its last message is always the end of the input (None) or an error, so that the
+        loop knows when the input is done, even when a stop comes while the queue is full.
+        """
         try:
             while True:
                 chunk = inp.source.read()
                 item = (inp, chunk, inp.source.snapshot(), self.wall_clock())
-                while True:  # a bounded queue; look for a stop request while it is full
-                    try:
-                        self._queue.put(item, timeout=WAIT_S)
-                        break
-                    except queue.Full:
-                        if self._stop.is_set():
-                            return
+                if not self._hand_over(item):
+                    chunk = None  # stopping, and the loop is busy: drop the chunk, end here
+                    self._queue.put((inp, None, inp.source.snapshot(), self.wall_clock()))
                 if chunk is None:
                     return
         except BaseException as e:  # a device fault that is not retried, or a bug
             self._queue.put((inp, e, inp.source.snapshot(), self.wall_clock()))
+
+    def _hand_over(self, item: tuple) -> bool:
+        """Put `item` on the bounded queue; False if a stop came while it was full."""
+        while True:
+            try:
+                self._queue.put(item, timeout=WAIT_S)
+                return True
+            except queue.Full:
+                if self._stop.is_set():
+                    return False
 
     def _take(
         self,

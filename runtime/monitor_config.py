@@ -187,7 +187,6 @@ def open_source(spec: InputSpec, sample_rate: int) -> Source:
 
 # ---- TOML ---------------------------------------------------------------------------
 
-_STREAM_KEYS = {f.name for f in fields(StreamSpec)} - {"name", "input"}
 _SOURCE_KEYS = {"device", "file", "channels", "realtime", "capture"}
 _RENAMED = {"hop": "hop_s"}  # TOML keys in the CLI's words
 
@@ -198,11 +197,14 @@ def _check_keys(table: dict, allowed: set[str], where: str) -> None:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
 
 
+_KIND_NAMES = {str: "a string", int: "an integer", bool: "true or false"}
+
+
 def _typed(value, kind, key: str, where: str):
     ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
     if not ok:
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ConfigError(f"{where}: {key} must be a {names}, got {value!r}")
+        names = _KIND_NAMES[kind] if isinstance(kind, type) else "a number"
+        raise ConfigError(f"{where}: {key} must be {names}, got {value!r}")
     return value
 
 

@@ -282,7 +282,7 @@ def test_config_errors_are_one_clear_line(tmp_path, toy):
         "channel 2 of input 'usb', which has 2",
     )
     bad(f'[defaults]\nbundle = "{toy}"\nhopp = 1\n', "unknown key hopp")
-    bad(f'[defaults]\nbundle = "{toy}"\nhop = "5"\n', "hop_s must be a int or float")
+    bad(f'[defaults]\nbundle = "{toy}"\nhop = "5"\n', "hop_s must be a number")
     bad('[batch]\nmax_batch = 0\n[[streams]]\nname="a"\nfile="x"\nbundle="b"\n', "max_batch")
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "absent.toml")
@@ -386,3 +386,24 @@ def test_two_fifos_are_read_side_by_side(toy, tmp_path):
     for name, pattern in (("a", "nna"), ("b", "aan")):
         mine = [e["verdict"][0] for e in events if e["stream"] == name]
         assert "".join(mine) == pattern
+
+
+def test_a_stop_while_the_engine_is_busy_ends_the_run(tmp_path):
+    """SIGTERM during a slow engine call: the readers' queue is full, yet run() returns."""
+    from msn_edge.runtime.sources import FileSource, PacedReader
+
+    sf.write(tmp_path / "ramp.wav", counter(RATE * 30), RATE, subtype="PCM_16")
+    det = Recorder(delay_s=1.0)  # one window scores in a second: the queue fills meanwhile
+    inputs = []
+    with contextlib.ExitStack() as stack:
+        for k in range(2):
+            paced = lambda: PacedReader(FileSource(tmp_path / "ramp.wav", RATE))  # noqa: E731
+            source = stack.enter_context(LiveSource(f"s{k}", RATE, paced))
+            inputs.append(Input(source, [(0, Stream(f"s{k}", det, det.scorer))], pumped=True))
+        monitor = Monitor(inputs, lambda e: None, policy=BatchPolicy(max_batch=1))
+        threading.Timer(1.0, monitor.stop).start()
+        done = threading.Event()
+        runner = threading.Thread(target=lambda: (monitor.run(), done.set()), daemon=True)
+        runner.start()
+        assert done.wait(30), "the monitor did not stop"
+    assert 1 <= len(det.windows) < 30
