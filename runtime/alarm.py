@@ -3,6 +3,10 @@
 One anomalous window is often a door slam or a forklift; a machine that has gone wrong
 stays wrong. Requiring K consecutive windows trades K windows of delay for far fewer
 false alarms, and the alarm holds until the machine sounds normal again.
+
+Windows on both sides of a gap in the audio are not "in a row": `gap()` restarts the count
+toward an alarm. An alarm already raised stays raised across a gap (nothing said the
+machine recovered) until a normal window clears it.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ class AlarmChange:
     kind: str  # "alarm" (raised) or "clear" (ended)
     index: int  # the window that caused the change
     run_start_index: int  # first anomalous window of the run
-    run_start_time_s: float  # its start, in whatever time base update() was given
+    run_start: int  # its first sample's position in the stream (samples)
     run_windows: int  # anomalous windows in the run (so far, for "alarm")
 
 
@@ -29,12 +33,18 @@ class AlarmState:
         self.active = False
         self.alarms = 0  # alarms raised so far
         self._run = 0  # anomalous windows in a row, up to the latest
-        self._run_start = (0, 0.0)  # (index, time_s) of the run's first window
+        self._run_start = (0, 0)  # (index, start sample) of the run's first window
 
-    def update(self, index: int, anomalous: bool, time_s: float) -> AlarmChange | None:
+    def gap(self) -> None:
+        """Audio was lost: the next anomalous window starts a new run (unless alarmed)."""
+        if not self.active:
+            self._run = 0
+
+    def update(self, index: int, anomalous: bool, start: int) -> AlarmChange | None:
+        """One window's verdict; `start` is its first sample's position in the stream."""
         if anomalous:
             if self._run == 0:
-                self._run_start = (index, time_s)
+                self._run_start = (index, start)
             self._run += 1
             if self.active or self._run < self.after:
                 return None

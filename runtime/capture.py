@@ -53,9 +53,10 @@ def plug_alternative(name: str) -> str:
     return name if name.startswith(("plughw:", "plug:")) else f"plug:{name}"
 
 
-def _format_hint(name: str, sample_rate: int) -> str:
+def _format_hint(name: str, sample_rate: int, channels: int = 1) -> str:
+    layout = "mono" if channels == 1 else f"{channels}-channel"
     return (
-        f"ALSA device {name!r} cannot give {sample_rate} Hz mono 16-bit audio; "
+        f"ALSA device {name!r} cannot give {sample_rate} Hz {layout} 16-bit audio; "
         f"use --device {plug_alternative(name)} so ALSA converts it"
     )
 
@@ -66,12 +67,16 @@ _FORMAT_ERRORS = ("Channels count non available", "Sample format non available")
 
 
 def arecord_error(
-    name: str, sample_rate: int, stderr_lines: list[str], returncode: int | None = None
+    name: str,
+    sample_rate: int,
+    stderr_lines: list[str],
+    returncode: int | None = None,
+    channels: int = 1,
 ) -> DeviceError:
     """One clear DeviceError from what arecord printed (and how it ended)."""
     text = "\n".join(stderr_lines)
     if _RATE_WARNING.search(text) or any(f in text for f in _FORMAT_ERRORS):
-        return DeviceError(_format_hint(name, sample_rate))
+        return DeviceError(_format_hint(name, sample_rate, channels))
     if "Unknown PCM" in text or "No such file or directory" in text:
         return DeviceError(f"ALSA device {name!r} not found; `msn-edge devices` lists the inputs")
     if "Device or resource busy" in text:
@@ -90,20 +95,32 @@ def arecord_error(
     return DeviceError(f"ALSA device {name!r}: arecord stopped ({detail})")
 
 
-class ArecordReader:
-    """Raw s16le mono from one `arecord` child process; an exit means the device failed."""
+def _frames(data: bytes, channels: int) -> np.ndarray:
+    """Interleaved s16le -> (n,) for mono, (n, channels) otherwise; a partial frame is cut."""
+    frame = 2 * channels
+    pcm = np.frombuffer(data[: len(data) - len(data) % frame], dtype="<i2").astype(np.int16)
+    return pcm if channels == 1 else pcm.reshape(-1, channels)
 
-    def __init__(self, device: str, sample_rate: int) -> None:
+
+class ArecordReader:
+    """Raw s16le from one `arecord` child process; an exit means the device failed.
+
+    With `channels` > 1 (a multi-channel interface, one machine per input) chunks are
+    (n, channels) frames; the monitor gives each channel to its own stream.
+    """
+
+    def __init__(self, device: str, sample_rate: int, channels: int = 1) -> None:
         self.device = device
         self.sample_rate = sample_rate
+        self.channels = channels
         self.overruns = 0
-        self._nbytes = 2 * chunk_samples(sample_rate)
+        self._nbytes = 2 * channels * chunk_samples(sample_rate)
         self._lines: deque[str] = deque(maxlen=20)  # arecord's last messages, for errors
         self._ended = False
         self._stderr_thread: threading.Thread | None = None
         # No -q: quiet mode would hide arecord's "rate is not accurate" warning.
         cmd = ["arecord", "-D", device, "-t", "raw", "-f", "S16_LE"]
-        cmd += ["-r", str(sample_rate), "-c", "1"]
+        cmd += ["-r", str(sample_rate), "-c", str(channels)]
         self._proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -120,7 +137,9 @@ class ArecordReader:
         self._drain_stderr_nonblocking()
         if not self._first or any(_RATE_WARNING.search(s) for s in self._lines):
             self.close()
-            raise arecord_error(device, sample_rate, list(self._lines), self._proc.returncode)
+            raise arecord_error(
+                device, sample_rate, list(self._lines), self._proc.returncode, channels
+            )
         self._stderr_thread = threading.Thread(target=self._watch_stderr, daemon=True)
         self._stderr_thread.start()
 
@@ -132,9 +151,13 @@ class ArecordReader:
         if not data:
             self.close()
             raise arecord_error(
-                self.device, self.sample_rate, list(self._lines), self._proc.returncode
+                self.device,
+                self.sample_rate,
+                list(self._lines),
+                self._proc.returncode,
+                self.channels,
             )
-        return np.frombuffer(data[: len(data) & ~1], dtype="<i2").astype(np.int16)
+        return _frames(data, self.channels)
 
     def close(self) -> None:
         if self._proc.poll() is None:
@@ -224,10 +247,11 @@ def portaudio_input(sd, name: str) -> int:
 class PortAudioReader:
     """Capture through PortAudio (sounddevice) where arecord is not installed."""
 
-    def __init__(self, device: str, sample_rate: int) -> None:
+    def __init__(self, device: str, sample_rate: int, channels: int = 1) -> None:
         sd = _sounddevice()
         self._sd = sd
         self.device = device
+        self.channels = channels
         self.overruns = 0
         self._chunk = chunk_samples(sample_rate)
         # PortAudio lists devices (and reads the ALSA configuration) only when it
@@ -236,14 +260,14 @@ class PortAudioReader:
         sd._initialize()
         index = portaudio_input(sd, device)
         try:
-            sd.check_input_settings(index, channels=1, dtype="int16", samplerate=sample_rate)
+            sd.check_input_settings(index, channels=channels, dtype="int16", samplerate=sample_rate)
         except sd.PortAudioError:
-            raise DeviceError(_format_hint(device, sample_rate)) from None
+            raise DeviceError(_format_hint(device, sample_rate, channels)) from None
         try:
             self._stream = sd.RawInputStream(
                 device=index,
                 samplerate=sample_rate,
-                channels=1,
+                channels=channels,
                 dtype="int16",
                 blocksize=self._chunk,
                 latency="high",
@@ -258,7 +282,7 @@ class PortAudioReader:
         except self._sd.PortAudioError as e:
             raise DeviceError(f"ALSA device {self.device!r} failed ({e})") from None
         self.overruns += bool(overflowed)
-        return np.frombuffer(data, dtype=np.int16).copy()
+        return _frames(bytes(data), self.channels)
 
     def close(self) -> None:
         with contextlib.suppress(self._sd.PortAudioError):
@@ -271,10 +295,16 @@ def open_device(
     sample_rate: int,
     *,
     capture: str = "auto",
+    channels: int = 1,
     queue_s: float = QUEUE_S,
     backoff: Backoff = DEFAULT_BACKOFF,
 ) -> LiveSource:
-    """A live ALSA input by name, captured by arecord (or PortAudio, see the module doc)."""
+    """A live ALSA input by name, captured by arecord (or PortAudio, see the module doc).
+
+    `channels` > 1 captures a multi-channel interface once, in (n, channels) frames.
+    """
+    if channels < 1:
+        raise DeviceError(f"{name}: channels must be at least 1, got {channels}")
     if capture not in CAPTURES:
         raise DeviceError(f"capture must be one of {', '.join(CAPTURES)}, got {capture!r}")
     if capture == "auto":
@@ -287,14 +317,14 @@ def open_device(
         return LiveSource(
             name,
             sample_rate,
-            lambda: ArecordReader(name, sample_rate),
+            lambda: ArecordReader(name, sample_rate, channels),
             queue_s=queue_s,
             backoff=backoff,
         )
     return LiveSource(
         name,
         sample_rate,
-        lambda: PortAudioReader(name, sample_rate),
+        lambda: PortAudioReader(name, sample_rate, channels),
         queue_s=queue_s,
         backoff=backoff,
     )

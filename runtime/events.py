@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,19 +56,32 @@ def input_level(samples: np.ndarray) -> InputLevel:
 
 
 class StreamClock:
-    """Sample positions -> UTC, anchored where each unbroken stretch of audio began."""
+    """Sample positions -> UTC, anchored where each unbroken stretch of audio began.
+
+    Positions count received samples and never go back; each gap adds an anchor, and a
+    position is read against the last anchor at or before it, so an alarm run that began
+    before a gap still gets its true start time.
+    """
+
+    MAX_ANCHORS = 64  # older stretches are long gone from any event still to be written
 
     def __init__(self, sample_rate: int) -> None:
         self.sample_rate = sample_rate
-        self._position = 0
-        self._utc_s = 0.0
+        self._anchors: deque[tuple[int, float]] = deque([(0, 0.0)], maxlen=self.MAX_ANCHORS)
 
     def anchor(self, position: int, utc_s: float) -> None:
         """Stream position `position` was recorded at `utc_s` (seconds since the epoch)."""
-        self._position, self._utc_s = position, utc_s
+        while self._anchors and self._anchors[-1][0] >= position:
+            self._anchors.pop()
+        self._anchors.append((position, utc_s))
 
     def utc_s(self, position: int) -> float:
-        return self._utc_s + (position - self._position) / self.sample_rate
+        base, utc = self._anchors[0]
+        for p, u in reversed(self._anchors):
+            if p <= position:
+                base, utc = p, u
+                break
+        return utc + (position - base) / self.sample_rate
 
 
 def iso_utc(utc_s: float) -> str:
@@ -85,12 +99,15 @@ def window_event(
     overruns: int,
     dropped_samples: int,
     after_gap: bool,
+    stream: str = "main",
+    reconnects: int = 0,
 ) -> dict:
     """One window's line. Health fields count what happened since the previous window."""
     rate, start, end = clock.sample_rate, window.start, window.start + window.samples.size
     level = input_level(window.samples)
     return {
         "event": "window",
+        "stream": stream,
         "index": window.index,
         "start": iso_utc(clock.utc_s(start)),
         "end": iso_utc(clock.utc_s(end)),
@@ -106,6 +123,7 @@ def window_event(
         "backend": backend,
         "overruns": overruns,
         "dropped_samples": dropped_samples,
+        "reconnects": reconnects,
         "after_gap": after_gap,
         "peak_dbfs": level.peak_dbfs,
         "silent": level.silent,
@@ -113,16 +131,18 @@ def window_event(
     }
 
 
-def alarm_event(change: AlarmChange, time_s: float) -> dict:
-    """An alarm raised or ended at `time_s` (UTC seconds: the end of the deciding window)."""
+def alarm_event(change: AlarmChange, *, clock: StreamClock, end: int, stream: str = "main") -> dict:
+    """An alarm raised or ended at sample `end` (the end of the deciding window)."""
+    time_s, since_s = clock.utc_s(end), clock.utc_s(change.run_start)
     return {
         "event": change.kind,
+        "stream": stream,
         "index": change.index,
         "time": iso_utc(time_s),
-        "since": iso_utc(change.run_start_time_s),
+        "since": iso_utc(since_s),
         "since_index": change.run_start_index,
         "anomalous_windows": change.run_windows,
-        "duration_s": round(time_s - change.run_start_time_s, DIGITS_S),
+        "duration_s": round(time_s - since_s, DIGITS_S),
     }
 
 

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -50,11 +50,19 @@ class SourceStats:
 class Source:
     """A stream of int16 chunks; `read()` returns None at its end or after `stop()`."""
 
+    channels = 1  # a multi-channel source gives chunks of (n, channels) frames
+
     def __init__(self, name: str, sample_rate: int) -> None:
         self.name = name
         self.sample_rate = sample_rate
         self.stats = SourceStats()
+        self._stats_lock = threading.Lock()  # a capture thread updates stats
         self._stopping = False
+
+    def snapshot(self) -> SourceStats:
+        """A consistent copy of the counters, safe to take from any thread."""
+        with self._stats_lock:
+            return replace(self.stats)
 
     def read(self) -> Chunk | None:
         raise NotImplementedError
@@ -183,6 +191,7 @@ class LiveSource(Source):
         self._open_reader = open_reader
         self._backoff = backoff
         self._reader = open_reader()
+        self.channels = getattr(self._reader, "channels", 1)
         self._queue: queue.Queue = queue.Queue()  # bounded by samples, below
         self._capacity = max(1, math.ceil(queue_s * sample_rate))
         self._queued = 0  # samples in the queue
@@ -205,7 +214,7 @@ class LiveSource(Source):
             if isinstance(item, BaseException):
                 raise item
             with self._queued_lock:
-                self._queued -= item.samples.size
+                self._queued -= len(item.samples)
             return item
         return None
 
@@ -240,23 +249,27 @@ class LiveSource(Source):
         self._queue.put(final)
 
     def _offer(self, samples: np.ndarray) -> None:
+        frames = len(samples)  # samples per channel
         xruns = self._reader.overruns - self._xruns_seen
         if xruns:
             self._xruns_seen += xruns
-            self.stats.overruns += xruns
+            with self._stats_lock:
+                self.stats.overruns += xruns
             self._resume_next = True
         with self._queued_lock:
-            full = self._queued + samples.size > self._capacity
+            full = self._queued + frames > self._capacity
             if not full:
-                self._queued += samples.size
+                self._queued += frames
         if full:
             if not self._dropping:
-                self.stats.overruns += 1
+                with self._stats_lock:
+                    self.stats.overruns += 1
                 log.warning(
                     "%s: windows are scored slower than real time; dropping audio", self.name
                 )
             self._dropping = True
-            self.stats.dropped_samples += samples.size
+            with self._stats_lock:
+                self.stats.dropped_samples += frames
             self._resume_next = True
             return
         self._queue.put(Chunk(samples, resumed=self._resume_next))
@@ -275,7 +288,8 @@ class LiveSource(Source):
                 log.warning("%s: still unavailable (try %d: %s)", self.name, tries, e)
                 continue
             log.info("%s: capture resumed (try %d)", self.name, tries)
-            self.stats.reconnects += 1
+            with self._stats_lock:
+                self.stats.reconnects += 1
             self._xruns_seen = 0
             self._resume_next = True
             return True

@@ -4,6 +4,8 @@
 #   alsa-utils    arecord, which the monitor runs to capture a --device, and aplay -L
 #   libportaudio2 PortAudio, which sounddevice loads (capture where arecord is missing)
 #   libsndfile1   WAV/FLAC decoding for soundfile where its wheel does not bundle it
+#   mosquitto     an MQTT broker: the tests of `monitor --mqtt` start their own on 127.0.0.1
+#                 (an edge box publishes to the plant's broker and does not need it)
 # libasound2-plugins is not needed: it adds PulseAudio/JACK bridges an edge box does not use.
 # apt-based systems (Debian, Ubuntu, JetPack); runs as root, or through sudo otherwise.
 # Usage: bash scripts/install-system-deps.sh   (scripts/setup.sh calls it; so should CI)
@@ -26,7 +28,7 @@ if installed libasound2t64; then
 fi
 
 missing=()
-for pkg in "$alsa_lib" alsa-utils libportaudio2 libsndfile1; do
+for pkg in "$alsa_lib" alsa-utils libportaudio2 libsndfile1 mosquitto; do
   installed "$pkg" || missing+=("$pkg")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0

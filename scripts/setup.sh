@@ -21,6 +21,6 @@ if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$sta
   echo "setup: installing msn-edge and its dependencies into .venv" >&2
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-  .venv/bin/python -m pip install -q -e ".[train,export,plot,dev]"
+  .venv/bin/python -m pip install -q -e ".[train,export,plot,fleet,dev]"
   touch "$stamp"
 fi

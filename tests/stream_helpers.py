@@ -8,6 +8,7 @@ import numpy as np
 
 from msn_edge.runtime.detector import Scored
 from msn_edge.runtime.frontend import FrontendConfig
+from msn_edge.runtime.scorer import Scorer
 
 RATE = 16_000
 
@@ -18,22 +19,30 @@ def counter(n: int, start: int = 0) -> np.ndarray:
 
 
 class Recorder:
-    """Stand-in detector that keeps every window it is given, as int16 again.
+    """Stand-in engine that keeps every window it is given, as int16 again.
 
-    Its score is the window's mean magnitude, so verdicts follow the signal's level.
+    Its score is the window's mean magnitude, so verdicts follow the signal's level; the
+    verdict is the stream's scorer's (which holds the threshold). It also records every
+    call's batch size.
     """
 
     def __init__(self, window_s: float = 0.25, threshold: float = 0.5, delay_s: float = 0.0):
         self.frontend = FrontendConfig(window_s=window_s)
-        self.threshold = threshold
+        self.scorer = Scorer(np.eye(1, dtype=np.float32), threshold)
         self.backend = "recorder"
         self.windows: list[np.ndarray] = []
+        self.batches: list[int] = []
         self.delay_s = delay_s  # a slow model, to make the consumer fall behind
 
-    def score(self, window: np.ndarray) -> Scored:
-        assert window.dtype == np.float32 and window.shape == (self.frontend.window_samples,)
-        self.windows.append(np.round(window * 32768.0).astype(np.int16))
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        score = float(np.abs(window).mean())
-        return Scored(score, score > self.threshold, self.threshold, 0.5, 1.5)
+    def score_batch(self, windows: np.ndarray, scorers) -> list[Scored]:
+        assert windows.dtype == np.float32
+        assert windows.shape == (len(scorers), self.frontend.window_samples)
+        self.batches.append(len(windows))
+        out = []
+        for window, scorer in zip(windows, scorers, strict=True):
+            self.windows.append(np.round(window * 32768.0).astype(np.int16))
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            score = float(np.abs(window).mean())
+            out.append(Scored(score, bool(scorer.verdict(score)), scorer.threshold, 0.5, 1.5))
+        return out

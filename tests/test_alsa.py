@@ -33,7 +33,8 @@ from toy_bundle import anomalous_signal, make_toy_bundle, normal_signal, toy_fro
 from msn_edge.cli import main
 from msn_edge.runtime.capture import list_input_devices, open_device
 from msn_edge.runtime.detector import Detector
-from msn_edge.runtime.monitor import run_monitor
+from msn_edge.runtime.monitor import Input, Monitor, Stream, run_monitor
+from msn_edge.runtime.monitor_config import BatchPolicy
 from msn_edge.runtime.sources import Backoff
 
 CLI = [sys.executable, "-c", "from msn_edge.cli import main; main()"]
@@ -323,3 +324,73 @@ def test_wav_written_by_arecord_round_trips(alsa_home, tmp_path):
     data, rate = sf.read(out, dtype="int16")
     assert rate == RATE
     np.testing.assert_array_equal(data, counter(16_000))
+
+
+ASOUNDRC_4CH = """\
+pcm.msnfile4 {{
+    type file
+    slave.pcm "null"
+    file "/dev/null"
+    infile "{infile}"
+    format "raw"
+}}
+pcm.msn4 {{
+    type plug
+    slave {{
+        pcm "msnfile4"
+        format S16_LE
+        rate 16000
+        channels 4
+    }}
+}}
+"""
+
+
+def test_four_channel_device_gives_each_stream_its_channel(tmp_path, monkeypatch, toy):
+    """One arecord -c 4 capture, four streams: each gets exactly its own channel."""
+    needs_arecord()
+    frames = np.stack([counter(RECORDING_SAMPLES // 4, start=c * 15_000) for c in range(4)], 1)
+    infile = tmp_path / "four.raw"
+    frames.astype("<i2").tofile(infile)
+    (tmp_path / ".asoundrc").write_text(ASOUNDRC_4CH.format(infile=infile))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    det = Recorder()
+    streams = [Stream(f"ch{c}", det, det.scorer, max_windows=3) for c in range(4)]
+    events: list[dict] = []
+    with open_device("msn4", RATE, capture="arecord", channels=4) as source:
+        assert source.channels == 4
+        inp = Input(source, list(enumerate(streams)), pumped=True)
+        Monitor([inp], events.append, policy=BatchPolicy(max_batch=8, max_wait_s=5)).run()
+    assert det.batches == [4, 4, 4]  # the channels' windows are ready together: one call each
+    got = {f"ch{c}": [] for c in range(4)}
+    for e, w in zip(events, det.windows, strict=True):
+        got[e["stream"]].append(w)
+    for c in range(4):
+        assert len(got[f"ch{c}"]) == 3
+        for k, w in enumerate(got[f"ch{c}"]):
+            np.testing.assert_array_equal(w, counter(4000, start=c * 15_000 + k * 4000))
+
+
+def test_cli_channels_option_names_one_stream_per_channel(tmp_path, toy):
+    needs_arecord()
+    fe, rng = toy_frontend(), np.random.default_rng(3)
+    waves = [normal_signal(fe, rng), anomalous_signal(fe, rng)]  # channel 0 hums, 1 whines
+    frames = np.stack([np.tile(w, 3) for w in waves], 1)
+    infile = tmp_path / "two.raw"
+    (frames * 32768).clip(-32768, 32767).astype("<i2").tofile(infile)
+    (tmp_path / ".asoundrc").write_text(
+        ASOUNDRC_4CH.replace("channels 4", "channels 2").format(infile=infile)
+    )
+    proc = subprocess.run(
+        [*CLI, "monitor", str(toy), "--device", "msn4", "--channels", "2", "--max-windows", "2"]
+        + ["--alarm-after", "0", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HOME": str(tmp_path)},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(x) for x in proc.stdout.splitlines()]
+    verdicts = {(e["stream"], e["verdict"]) for e in events}
+    assert verdicts == {("msn4.ch0", "normal"), ("msn4.ch1", "anomalous")}
+    assert len(events) == 4

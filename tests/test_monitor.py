@@ -108,6 +108,7 @@ def test_window_events_carry_the_documented_fields(toy, tmp_path):
     first = windows[0]
     assert set(first) == {
         "event",
+        "stream",
         "index",
         "start",
         "end",
@@ -123,6 +124,7 @@ def test_window_events_carry_the_documented_fields(toy, tmp_path):
         "backend",
         "overruns",
         "dropped_samples",
+        "reconnects",
         "after_gap",
         "peak_dbfs",
         "silent",
@@ -132,12 +134,15 @@ def test_window_events_carry_the_documented_fields(toy, tmp_path):
     assert first["start"] == "2023-11-14T22:13:19.900Z"
     assert first["end"] == "2023-11-14T22:13:20.900Z"
     assert first["backend"] == det.backend == "cpu"
+    assert {e["stream"] for e in events} == {"main"}
     assert first["threshold"] == pytest.approx(det.threshold)
     assert first["latency_ms"] == pytest.approx(
         first["frontend_ms"] + first["inference_ms"], abs=0.02
     )
     assert all(e["score"] > e["threshold"] for e in windows[2:5])
-    assert not any(e["overruns"] or e["dropped_samples"] or e["after_gap"] for e in windows)
+    assert not any(
+        e["overruns"] or e["dropped_samples"] or e["reconnects"] or e["after_gap"] for e in windows
+    )
     alarm, clear = (e for e in events if e["event"] != "window")
     assert events.index(alarm) == 4 and alarm["index"] == 3  # after the 2nd anomalous window
     assert (alarm["since_index"], alarm["anomalous_windows"]) == (2, 2)
@@ -425,6 +430,10 @@ def test_service_unit_is_valid_and_uses_real_options(tmp_path):
     assert words[1] == "monitor"
     monitor_options = {o for p in main.commands["monitor"].params for o in p.opts}
     assert {w for w in words if w.startswith("--")} <= monitor_options
+    service = dict(
+        line.split("=", 1) for line in unit.splitlines() if "=" in line and line[0].isalpha()
+    )
+    assert service["Type"] == "notify" and int(service["WatchdogSec"]) > 0  # sd_notify pings
     analyze, exe = shutil.which("systemd-analyze"), shutil.which("msn-edge")
     if not (analyze and exe):
         pytest.skip("systemd-analyze or the msn-edge entry point is not installed")

@@ -5,28 +5,34 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
 
 from msn_edge.cli import main
 from msn_edge.cli.common import setup_logging, user_errors
-from msn_edge.runtime.capture import CAPTURES, list_input_devices, open_device
-from msn_edge.runtime.detector import Detector
+from msn_edge.runtime.assemble import open_monitor
+from msn_edge.runtime.capture import CAPTURES, list_input_devices
 from msn_edge.runtime.engines import BACKENDS, PRECISIONS
 from msn_edge.runtime.errors import MsnEdgeError
 from msn_edge.runtime.events import EventSink
-from msn_edge.runtime.monitor import run_monitor
+from msn_edge.runtime.monitor_config import (
+    BatchPolicy,
+    MonitorConfig,
+    load_config,
+    simple_config,
+    with_outputs,
+)
 from msn_edge.runtime.plot import plot_timeline
-from msn_edge.runtime.sources import Source, open_input
+from msn_edge.runtime.sdnotify import Notifier
 
 log = logging.getLogger("msn_edge.monitor")
 
 
 @contextlib.contextmanager
-def _stop_on_signals(source: Source) -> Iterator[None]:
-    """First SIGINT/SIGTERM: finish the current window and stop; a second one: at once.
+def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
+    """First SIGINT/SIGTERM: finish the windows in hand and stop; a second one: at once.
 
     The previous handlers come back afterwards (the command may run inside a test).
     """
@@ -36,7 +42,7 @@ def _stop_on_signals(source: Source) -> Iterator[None]:
         for sig, old in previous.items():
             signal.signal(sig, old)
         log.info("%s: stopping", signal.Signals(signum).name)
-        source.stop()
+        stop()
 
     for sig in previous:
         signal.signal(sig, handler)
@@ -47,21 +53,98 @@ def _stop_on_signals(source: Source) -> Iterator[None]:
             signal.signal(sig, old)
 
 
+class Fanout:
+    """Hands every event to every sink, in order (stdout/file first: the durable record)."""
+
+    def __init__(self, sinks: list[Callable[[dict], None]]) -> None:
+        self.sinks = sinks
+
+    def __call__(self, event: dict) -> None:
+        for sink in self.sinks:
+            sink(event)
+
+
+STREAM_OPTIONS = ("hop_s", "alarm_after", "backend", "precision", "threads", "threshold", "group")
+
+
+def _config(
+    ctx: click.Context, bundle: Path | None, config_path: Path | None, **kw
+) -> MonitorConfig:
+    """The monitor's configuration from --config, or from the command line's simple forms."""
+    devices, inputs = kw.pop("devices"), kw.pop("inputs")
+    if config_path is not None:
+        if devices or inputs:
+            raise click.UsageError("--config describes the inputs; drop --device/--input")
+        given = [
+            "--" + o.replace("_s", "").replace("_", "-")
+            for o in STREAM_OPTIONS
+            if ctx.get_parameter_source(o) is not click.core.ParameterSource.DEFAULT
+        ]
+        if given:
+            raise click.UsageError(
+                f"with --config, stream settings come from the file; drop {', '.join(given)}"
+            )
+        config = load_config(config_path)
+        if bundle is not None:
+            raise click.UsageError("with --config, bundles are named in the file")
+        return config
+    if not devices and not inputs or devices and inputs:
+        raise click.UsageError(
+            "give exactly one of --device NAME or --input FILE|- (repeat it for several "
+            "streams), or a --config FILE"
+        )
+    if bundle is None:
+        raise click.UsageError("missing argument BUNDLE")
+    if kw["realtime"] and devices:
+        raise click.UsageError("--realtime paces --input FILE; a device is live already")
+    if kw["channels"] != 1 and not devices:
+        raise click.UsageError("--channels is for a multi-channel --device")
+    settings = {o: kw[o] for o in STREAM_OPTIONS}
+    return simple_config(
+        bundle,
+        devices=devices,
+        inputs=inputs,
+        channels=kw["channels"],
+        realtime=kw["realtime"],
+        capture=kw["capture"],
+        name=kw["name"],
+        **settings,
+    )
+
+
 @main.command()
-@click.argument("bundle", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("bundle", type=click.Path(dir_okay=False, path_type=Path), required=False)
 @click.option(
     "-d",
     "--device",
+    "devices",
     metavar="NAME",
-    help="ALSA input: hw:1, plughw:1,0, default, or a PCM from an asoundrc.",
+    multiple=True,
+    help="ALSA input: hw:1, plughw:1,0, default, or a PCM from an asoundrc. Repeatable.",
 )
 @click.option(
     "-i",
     "--input",
-    "input_path",
+    "inputs",
     metavar="FILE|-",
-    help="WAV/FLAC file, or - for raw s16le mono on stdin.",
+    multiple=True,
+    help="WAV/FLAC file, a FIFO, or - for raw s16le mono on stdin. Repeatable.",
 )
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML file: inputs, streams, batching and outputs (docs/operating.md).",
+)
+@click.option(
+    "--channels",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Capture N channels of each --device, one stream per channel.",
+)
+@click.option("--name", help="The stream's name in events [default: from the device or file].")
 @click.option("--realtime", is_flag=True, help="Pace --input FILE like a live microphone.")
 @click.option(
     "--hop",
@@ -84,13 +167,16 @@ def _stop_on_signals(source: Source) -> Iterator[None]:
     help="Also append every event here, flushed and fsynced per line.",
 )
 @click.option(
-    "--max-windows", type=click.IntRange(min=1), metavar="N", help="Stop after N windows."
+    "--max-windows",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Stop after N windows (per stream).",
 )
 @click.option(
     "--duration",
     type=click.FloatRange(min=0, min_open=True),
     metavar="SECONDS",
-    help="Stop after this much audio.",
+    help="Stop after this much audio (per stream).",
 )
 @click.option(
     "--backend",
@@ -116,32 +202,84 @@ def _stop_on_signals(source: Source) -> Iterator[None]:
     show_default=True,
     help="How --device is read: arecord (any ALSA name) or PortAudio.",
 )
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help=f"Windows per engine call across streams [default: {BatchPolicy.max_batch}].",
+)
+@click.option(
+    "--max-wait",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="Latency budget: longest a ready window waits for others to batch with "
+    f"[default: {BatchPolicy.max_wait_s}].",
+)
+@click.option(
+    "--mqtt", "mqtt_url", metavar="URL", help="Publish to a broker: mqtt[s]://[user@]host[:port]."
+)
+@click.option("--mqtt-topic", metavar="PREFIX", help="Topic prefix [default: msn-edge/HOSTNAME].")
+@click.option("--mqtt-client-id", metavar="ID", help="MQTT client id [default: from the prefix].")
+@click.option("--mqtt-username", metavar="USER", help="Broker user name (or in the URL).")
+@click.option(
+    "--mqtt-password-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File holding the broker password ($MSN_EDGE_MQTT_PASSWORD also works).",
+)
+@click.option("--mqtt-ca", type=click.Path(dir_okay=False, path_type=Path), help="CA file for TLS.")
+@click.option(
+    "--mqtt-cert", type=click.Path(dir_okay=False, path_type=Path), help="Client certificate (TLS)."
+)
+@click.option(
+    "--mqtt-key", type=click.Path(dir_okay=False, path_type=Path), help="Client key (TLS)."
+)
+@click.option(
+    "--mqtt-queue",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder of the on-disk queue kept while the broker is away.",
+)
+@click.option(
+    "--mqtt-queue-max",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Events the queue holds; beyond it the oldest are dropped and counted [100000].",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    metavar="PORT",
+    help="Serve Prometheus metrics on this port (0: any free port, logged).",
+)
+@click.option(
+    "--metrics-addr",
+    metavar="ADDR",
+    help="Address the metrics endpoint listens on [default: 0.0.0.0].",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logs.")
+@click.pass_context
 @user_errors
 def monitor(
-    bundle: Path,
-    device: str | None,
-    input_path: str | None,
-    realtime: bool,
-    hop_s: float | None,
-    alarm_after: int,
+    ctx: click.Context,
+    bundle: Path | None,
+    config_path: Path | None,
     events_file: Path | None,
     max_windows: int | None,
     duration: float | None,
-    backend: str,
-    precision: str,
-    threads: int | None,
-    threshold: float | None,
-    group: str | None,
-    capture: str,
+    max_batch: int | None,
+    max_wait: float | None,
+    metrics_port: int | None,
+    metrics_addr: str | None,
     verbose: bool,
+    **kw,
 ) -> None:
     """Score audio window by window: one JSON event per line on stdout.
 
     Each window of the bundle's length gets a score, a verdict, its latency and input
     health; K anomalous windows in a row raise an alarm event, the next normal window
-    clears it. Logs and a start/stop summary go to stderr. SIGINT or SIGTERM stop after
-    the current window.
+    clears it. One process monitors many streams (channels of a multi-channel device,
+    several devices, files or FIFOs); streams of one bundle are scored in batches by one
+    engine. Events can also go to an MQTT broker, and metrics to Prometheus. Logs and a
+    start/stop summary go to stderr. SIGINT or SIGTERM stop after the windows in hand.
 
     Example:
 
@@ -149,39 +287,62 @@ def monitor(
       msn-edge monitor fan.msn --device plughw:1,0 --events-file events.jsonl
       arecord -t raw -f S16_LE -r 16000 -c 1 | msn-edge monitor fan.msn --input -
       msn-edge monitor fan.msn --input recording.wav --hop 5
+      msn-edge monitor fan.msn --device hw:2,0 --channels 4 --mqtt mqtt://broker
+      msn-edge monitor --config /etc/msn-edge/monitor.toml --metrics-port 9108
     """
     setup_logging(verbose)
-    if (device is None) == (input_path is None):
-        raise click.UsageError("give exactly one of --device NAME or --input FILE|-")
-    if realtime and device is not None:
-        raise click.UsageError("--realtime paces --input FILE; a device is live already")
+    mqtt_kw = {k: kw.pop(k) for k in list(kw) if k.startswith("mqtt")}
+    config = _config(ctx, bundle, config_path, **kw)
+    config = with_outputs(
+        config,
+        events_file=events_file,
+        max_batch=max_batch,
+        max_wait_s=max_wait,
+        metrics_port=metrics_port,
+        metrics_addr=metrics_addr,
+        **mqtt_kw,
+    )
+    notifier = Notifier.from_env()
     with contextlib.ExitStack() as stack:
-        detector = Detector.open(
-            bundle,
-            backend=backend,
-            precision=precision,
-            threads=threads,
-            group=group,
-            threshold=threshold,
-        )
-        stack.callback(detector.close)
-        rate = detector.frontend.sample_rate
-        if device is not None:
-            source = open_device(device, rate, capture=capture)
-        else:
-            source = open_input(input_path, rate, realtime=realtime)
-        stack.enter_context(source)
-        sink = stack.enter_context(contextlib.closing(EventSink(events_file=events_file)))
-        stack.enter_context(_stop_on_signals(source))
-        run_monitor(
-            source,
-            detector,
-            sink,
-            hop_s=hop_s,
-            alarm_after=alarm_after or None,
+        stack.callback(notifier.close)
+        sinks: list[Callable[[dict], None]] = [
+            stack.enter_context(contextlib.closing(EventSink(events_file=config.events_file)))
+        ]
+        observer = None
+        metrics = None
+        if config.metrics_port is not None:
+            from msn_edge.runtime.metrics_sink import MetricsSink
+
+            metrics = MetricsSink.start(config.metrics_port, config.metrics_addr)
+            stack.callback(metrics.close)
+            observer = metrics
+        if config.mqtt is not None:
+            from msn_edge.runtime.mqtt_sink import MqttSink
+
+            mqtt = MqttSink.start(config.mqtt, [s.name for s in config.streams])
+            stack.callback(mqtt.close)
+            sinks.append(mqtt)
+            if metrics is not None:
+                metrics.watch_mqtt(mqtt)
+        if metrics is not None:
+            sinks.append(metrics)
+        mon = open_monitor(
+            config,
+            Fanout(sinks),
+            stack,
             max_windows=max_windows,
             max_seconds=duration,
+            observer=observer,
+            tick=notifier.ping,
         )
+        if metrics is not None:
+            metrics.describe(mon)
+        stack.enter_context(_stop_on_signals(mon.stop))
+        notifier.ready(f"monitoring {len(config.streams)} stream(s)")
+        try:
+            mon.run()
+        finally:
+            notifier.stopping()
 
 
 @main.command()
