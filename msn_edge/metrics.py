@@ -62,6 +62,30 @@ def auc_standard_error(value: float, n_anomaly: int, n_normal: int) -> float:
     return math.sqrt(max(var, 0.0))
 
 
+def auc_difference(
+    labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray
+) -> tuple[float, float]:
+    """AUC(a) − AUC(b) of two scorers of the same clips, and its standard error by
+    DeLong's method for correlated ROC curves (DeLong et al., 1988): scoring the same
+    clips makes the two AUCs covary, which a difference must account for."""
+    labels = np.asarray(labels, dtype=bool)
+    pos_a, neg_a = scores_a[labels], scores_a[~labels]
+    pos_b, neg_b = scores_b[labels], scores_b[~labels]
+
+    def components(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # psi(x, y) = 1 if x > y, 1/2 on ties: per anomaly (V10) and per normal (V01).
+        psi = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+        return psi.mean(axis=1), psi.mean(axis=0)
+
+    v10_a, v01_a = components(pos_a, neg_a)
+    v10_b, v01_b = components(pos_b, neg_b)
+    s10 = np.cov(np.stack([v10_a, v10_b]))
+    s01 = np.cov(np.stack([v01_a, v01_b]))
+    cov = s10 / len(pos_a) + s01 / len(neg_a)
+    var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+    return float(v10_a.mean() - v10_b.mean()), math.sqrt(max(float(var), 0.0))
+
+
 @dataclass
 class GroupMetrics:
     """One scoring group's metrics (fractions in [0, 1], NaN where undefined)."""
