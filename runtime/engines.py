@@ -43,8 +43,9 @@ ORT_PROVIDERS = {
     "cpu": "CPUExecutionProvider",
 }
 TENSORRT_BACKENDS = ("ort-tensorrt", "tensorrt")  # the only ones that can run fp16
-GPU_HINT = "install msn-edge[gpu]"
-TENSORRT_HINT = "pip install msn-edge[tensorrt]"
+JETSON_HINT = "on a Jetson: docs/jetson.md"  # TensorRT and onnxruntime-gpu are not PyPI's there
+GPU_HINT = f"install msn-edge[gpu]; {JETSON_HINT}"
+TENSORRT_HINT = f"pip install msn-edge[tensorrt]; {JETSON_HINT}"
 _ORT_LOG_ERRORS_ONLY = 3  # ORT severity: 0 verbose ... 3 error; keep stderr for our logs
 _ORT_ERRORS = (
     (
@@ -198,7 +199,9 @@ def _ort_reason(backend: str, providers: set[str], hint: str) -> str | None:
 
 
 def _ort_tensorrt_reason(providers: set[str]) -> str | None:
-    reason = _ort_reason("ort-tensorrt", providers, f"{GPU_HINT} and {TENSORRT_HINT}")
+    reason = _ort_reason(
+        "ort-tensorrt", providers, f"install msn-edge[gpu,tensorrt]; {JETSON_HINT}"
+    )
     if reason is not None:
         return reason
     version = tensorrt_version()

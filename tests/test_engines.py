@@ -33,10 +33,12 @@ from msn_edge.runtime.tensorrt_engine import precision_plan
 
 NOTHING_INSTALLED = {
     "cpu": None,
-    "cuda": "onnxruntime has no CUDAExecutionProvider (install msn-edge[gpu])",
-    "ort-tensorrt": "onnxruntime has no TensorrtExecutionProvider (install msn-edge[gpu] and "
-    "pip install msn-edge[tensorrt])",
-    "tensorrt": "tensorrt not installed (pip install msn-edge[tensorrt])",
+    "cuda": "onnxruntime has no CUDAExecutionProvider (install msn-edge[gpu]; on a Jetson: "
+    "docs/jetson.md)",
+    "ort-tensorrt": "onnxruntime has no TensorrtExecutionProvider (install "
+    "msn-edge[gpu,tensorrt]; on a Jetson: docs/jetson.md)",
+    "tensorrt": "tensorrt not installed (pip install msn-edge[tensorrt]; on a Jetson: "
+    "docs/jetson.md)",
 }
 
 
@@ -331,6 +333,7 @@ def test_native_tensorrt_without_the_package(toy, monkeypatch):
     if not engines._module_missing("tensorrt"):
         pytest.skip("tensorrt is installed here")
     with pytest.raises(
-        BackendError, match=r"tensorrt not installed \(pip install msn-edge\[tensorrt\]\)"
+        BackendError,
+        match=r"tensorrt not installed \(pip install msn-edge\[tensorrt\]; on a Jetson",
     ):
         trt_engine.TensorRTEngine.from_bundle(toy)
