@@ -24,7 +24,12 @@ from msn_edge.runtime import ort_install
 from msn_edge.runtime.bundle import Bundle
 from msn_edge.runtime.engine_cache import DEFAULT_MAX_BATCH, engine_cache_key
 from msn_edge.runtime.errors import BackendError
-from msn_edge.runtime.gpu import ort_tensorrt_mismatch, query_gpu, tensorrt_version
+from msn_edge.runtime.gpu import (
+    ort_tensorrt_mismatch,
+    query_gpu,
+    tensorrt_unsupported,
+    tensorrt_version,
+)
 
 try:  # the base install has none: the extra `cpu` or `gpu` chooses which (ort_install.py)
     import onnxruntime as ort
@@ -188,7 +193,9 @@ def _native_tensorrt_reason() -> str | None:
         return f"tensorrt not installed ({TENSORRT_HINT})"
     if _module_missing("cuda.bindings") and _module_missing("cuda.cudart"):
         return f"cuda-python not installed ({TENSORRT_HINT})"
-    return _gpu_missing_reason()
+    version = tensorrt_version()
+    too_old = tensorrt_unsupported(version) if version else None
+    return too_old or _gpu_missing_reason()
 
 
 def _ort_reason(backend: str, providers: set[str], hint: str) -> str | None:

@@ -126,7 +126,9 @@ def test_available_backends_reasons_without_a_gpu(monkeypatch):
     monkeypatch.setattr(engines, "tensorrt_version", lambda: "10.3.0")
     assert set(available_backends().values()) == {None}
     monkeypatch.setattr(engines, "tensorrt_version", lambda: "8.6.2")  # JetPack 6.0
-    assert "JetPack 6.0 ships 8.6" in available_backends()["ort-tensorrt"]
+    reasons = available_backends()
+    assert "JetPack 6.0 ships 8.6" in reasons["ort-tensorrt"]
+    assert reasons["tensorrt"].startswith("TensorRT 8.6.2 is too old: msn-edge needs TensorRT 10")
 
 
 def test_make_engine_missing_backends_say_what_to_install(toy, cpu_only):
@@ -197,6 +199,31 @@ def test_gpu_backend_matches_cpu(toy, batch, backend, precision, tmp_path):
         engine.close()
     assert engine.name == backend
     np.testing.assert_array_less(0.999, np.sum(got * want, axis=1))
+
+
+@pytest.mark.gpu
+def test_ort_tensorrt_builds_one_engine_for_every_batch_size(toy, tmp_path):
+    """The optimisation profile (batch 1..8) means no rebuild when the batch grows; larger
+    batches run in chunks of 8."""
+    reason = available_backends()["ort-tensorrt"]
+    if reason:
+        pytest.skip(f"ort-tensorrt: {reason}")
+    rng = np.random.default_rng(5)
+    waves = np.stack([normal_signal(toy.frontend, rng) for _ in range(11)])
+    spec, spectrum = features(waves, toy.frontend)
+    want = make_engine(toy, "cpu").embed(spec, spectrum)
+    engine = make_engine(toy, "ort-tensorrt", cache_dir=tmp_path)
+    (folder,) = (tmp_path / "toy.msn.ort-trt").iterdir()
+
+    def engines_built() -> dict:
+        return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.engine")}
+
+    built = None
+    for n in (1, 3, 8, 11):
+        got = engine.embed(spec[:n], spectrum[:n])
+        np.testing.assert_array_less(0.999, np.sum(got * want[:n], axis=1))
+        built = built or engines_built()
+        assert built and engines_built() == built, n  # the batch-1 engines, never rebuilt
 
 
 # TensorRT cache: plain Python, no TensorRT needed.
