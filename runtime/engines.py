@@ -9,7 +9,6 @@ install, and `auto` takes the best one that can.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import importlib.util
 import logging
