@@ -3,8 +3,11 @@
 The table is onnx-tensorrt's operator support matrix, docs/operators.md
 (https://github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md, the TensorRT 10.x
 release branches): the operators marked Y, and the restrictions column turned into
-checks where it names an attribute or input we can see in the graph. The opset range is
-the one TensorRT 10.0 (the oldest TensorRT 10, JetPack 6) states there: opset 9 to 20.
+checks where it names an attribute or input we can see in the graph (e.g. the `axes` of
+Pad, Slice, Squeeze and Unsqueeze must be initializers; a Constant node counts, as the
+parser folds it into one). The opset range is the one TensorRT 10.0, the oldest TensorRT
+10, states there: opset 9 to 20. On a Jetson that means JetPack 6.1 or 6.2 (TensorRT
+10.3); JetPack 6.0 ships TensorRT 8.6, which msn-edge does not support (docs/jetson.md).
 "Quantized types" (INT8 etc.) are allowed only as Quantize/DequantizeLinear data, and
 UINT8 only as a network input or output, as the same page says. Operators newer than
 opset 20 that later 10.x releases added (Attention, RMSNormalization, RotaryEmbedding,
@@ -43,10 +46,10 @@ _SUPPORTED_PLAIN = _names(
     HammingWindow HannWindow HardSigmoid HardSwish Hardmax Identity If ImageScaler
     InstanceNormalization IsInf IsNaN LayerNormalization LeakyRelu Less LessOrEqual Log
     LogSoftmax Loop LRN LpNormalization MatMul Max Mean MeanVarianceNormalization Min
-    Mish Mod Mul Neg NonMaxSuppression NonZero Not Or Pad ParametricSoftplus Pow PRelu
+    Mish Mod Mul Neg NonMaxSuppression NonZero Not Or ParametricSoftplus Pow PRelu
     RandomNormal RandomNormalLike RandomUniform RandomUniformLike Range Reciprocal Relu
     Reshape ReverseSequence RNN RoiAlign Round ScaledTanh Scan Scatter ScatterElements
-    Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign
+    Selu Shape Shrink Sigmoid Sign Sin Sinh Size Softmax Softplus Softsign
     SpaceToDepth Split Sqrt Sub Sum Tan Tanh ThresholdedRelu Tile Transpose Trilu
     Upsample Where Xor
     """
@@ -226,6 +229,8 @@ CHECKS.update(
         "CumSum": _constant_input(1, "axis"),
         "Squeeze": _constant_input(1, "axes"),
         "Unsqueeze": _constant_input(1, "axes"),
+        "Pad": _constant_input(3, "axes"),  # opset >= 18 (data, pads, constant_value, axes)
+        "Slice": _constant_input(3, "axes"),  # opset >= 10 (data, starts, ends, axes, steps)
         "OneHot": _constant_input(1, "depth"),
         "QuantizeLinear": _zero_point(2, "y_zero_point"),
         "DequantizeLinear": _dequantize,

@@ -45,9 +45,17 @@ from msn_edge.checkpoint import (
 )
 from msn_edge.config import Config, TrainConfig
 from msn_edge.datasets import Clip, load_wave, scan
+from msn_edge.devices import (
+    DistEnv,
+    amp_choice,
+    ddp_args,
+    dist_from_env,
+    process_group_args,
+    training_device,
+)
 from msn_edge.loss import SubClusterAdaCos
 from msn_edge.model import MSN
-from msn_edge.runtime.errors import BackendError, DatasetError, MsnEdgeError
+from msn_edge.runtime.errors import DatasetError, MsnEdgeError
 from msn_edge.runtime.frontend import FrontendConfig, features, fit_window
 
 log = logging.getLogger(__name__)
@@ -172,18 +180,18 @@ def exchange_features(
 
 
 class Stepper:
-    """One optimisation step; mixed precision on CUDA when `amp` (bf16 where the GPU has
-    it, else fp16 with loss scaling), plain float32 on the CPU."""
+    """One optimisation step; mixed precision on CUDA when `amp` (bf16 from compute
+    capability 8.0, else fp16 with loss scaling: msn_edge.devices), float32 on the CPU."""
 
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, dev: torch.device, amp: bool
     ):
         self.model, self.optimizer = model, optimizer
-        use_amp = amp and dev.type == "cuda"
-        bf16 = use_amp and torch.cuda.is_bf16_supported()
-        self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not bf16)
-        dtype = torch.bfloat16 if bf16 else torch.float16
-        self.autocast = torch.autocast("cuda", dtype=dtype) if use_amp else nullcontext()
+        cc = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
+        self.amp = amp_choice(dev.type, cc, amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp.scaled)
+        on = self.amp.enabled
+        self.autocast = torch.autocast("cuda", dtype=self.amp.dtype) if on else nullcontext()
 
     def __call__(
         self, spec: torch.Tensor, spectrum: torch.Tensor, target: torch.Tensor
@@ -198,36 +206,17 @@ class Stepper:
         return loss.detach()
 
 
-@dataclass(frozen=True)
-class _Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
+_Dist = DistEnv
 
 
-def _dist_from_env() -> _Dist:
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return _Dist()
-    return _Dist(
-        int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    )
+def _dist_from_env() -> DistEnv:
+    return dist_from_env(dict(os.environ))
 
 
 def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
     """cuda when present (or asked for), else cpu; under torchrun, this process's GPU."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise BackendError(f"unknown training device {device!r}; use cpu or cuda")
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise BackendError("--device cuda: this torch build sees no CUDA GPU")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return training_device(device, local_rank=local_rank, cuda_count=cuda_count)
 
 
 def training_clips(roots: Sequence[Path]) -> list[Clip]:
@@ -341,8 +330,10 @@ def train(
     """
     ddp = _dist_from_env()
     dev = resolve_device(device, ddp.local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # before anything opens a CUDA context (else on GPU 0)
     if ddp.world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(**process_group_args(dev))
     try:
         with _sigterm_as_interrupt(), _quiet_unless(ddp.main):
             run = _Run(ddp, dev, Path(run_dir), config, progress and ddp.main)
@@ -446,7 +437,9 @@ class _Run:
         self.head = SubClusterAdaCos(self.config.model.embedding_dim, head_classes, tc.sub_clusters)
         net = Classifier(self.msn, self.head, tc.feature_exchange).to(self.dev)
         self.optimizer = torch.optim.Adam(net.parameters(), lr=tc.lr)
-        self.model = DistributedDataParallel(net) if self.ddp.world > 1 else net
+        self.model = (
+            DistributedDataParallel(net, **ddp_args(self.dev)) if self.ddp.world > 1 else net
+        )
         self.step = Stepper(self.model, self.optimizer, self.dev, tc.amp)
 
     def _restore(self, plan: ClassPlan) -> int:

@@ -236,8 +236,9 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    import onnxruntime as ort
+    from msn_edge.runtime.engines import require_onnxruntime
 
+    ort = require_onnxruntime()
     return {
         "cpu": cpu or platform.machine(),
         "cores": os.cpu_count(),

@@ -9,21 +9,32 @@ install, and `auto` takes the best one that can.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
-import hashlib
 import importlib.util
 import logging
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
+from msn_edge.runtime import ort_install
 from msn_edge.runtime.bundle import Bundle
+from msn_edge.runtime.engine_cache import DEFAULT_MAX_BATCH, engine_cache_key
 from msn_edge.runtime.errors import BackendError
+from msn_edge.runtime.gpu import (
+    ort_tensorrt_mismatch,
+    query_gpu,
+    tensorrt_unsupported,
+    tensorrt_version,
+)
+
+try:  # the base install has none: the extra `cpu` or `gpu` chooses which (ort_install.py)
+    import onnxruntime as ort
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+except ImportError:
+    ort = None
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +47,30 @@ ORT_PROVIDERS = {
     "cpu": "CPUExecutionProvider",
 }
 TENSORRT_BACKENDS = ("ort-tensorrt", "tensorrt")  # the only ones that can run fp16
-GPU_HINT = "install msn-edge[gpu]"
-TENSORRT_HINT = "pip install msn-edge[tensorrt]"
+JETSON_HINT = "on a Jetson: docs/jetson.md"  # TensorRT and onnxruntime-gpu are not PyPI's there
+GPU_HINT = f"install msn-edge[gpu]; {JETSON_HINT}"
+TENSORRT_HINT = f"pip install msn-edge[tensorrt]; {JETSON_HINT}"
 _ORT_LOG_ERRORS_ONLY = 3  # ORT severity: 0 verbose ... 3 error; keep stderr for our logs
 _ORT_ERRORS = (
-    ort_state.Fail,
-    ort_state.InvalidArgument,
-    ort_state.InvalidGraph,
-    ort_state.InvalidProtobuf,
-    ort_state.NoSuchFile,
-    ort_state.NotImplemented,
-    ort_state.RuntimeException,
+    (
+        ort_state.Fail,
+        ort_state.InvalidArgument,
+        ort_state.InvalidGraph,
+        ort_state.InvalidProtobuf,
+        ort_state.NoSuchFile,
+        ort_state.NotImplemented,
+        ort_state.RuntimeException,
+    )
+    if ort is not None
+    else ()
 )
+
+
+def require_onnxruntime():
+    """The onnxruntime module, or BackendError saying which extra installs one."""
+    if ort is None:
+        raise BackendError(ort_install.MISSING)
+    return ort
 
 
 def check_inputs(spec: np.ndarray, spectrum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -86,9 +109,12 @@ class OrtEngine(Engine):
         threads: int | None = None,
         name: str,
         precision: str = "fp32",
+        max_batch: int | None = None,
     ) -> None:
         if threads is not None and threads < 1:
             raise BackendError(f"threads must be at least 1, got {threads}")
+        require_onnxruntime()
+        self.max_batch = max_batch  # larger batches run in chunks (a TensorRT profile's max)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or 0  # 0: ONNX Runtime uses every physical core
@@ -118,6 +144,15 @@ class OrtEngine(Engine):
 
     def embed(self, spec: np.ndarray, spectrum: np.ndarray) -> np.ndarray:
         spec, spectrum = check_inputs(spec, spectrum)
+        step = self.max_batch
+        if step is not None and spec.shape[0] > step:
+            parts = range(0, spec.shape[0], step)
+            return np.concatenate(
+                [self._run(spec[i : i + step], spectrum[i : i + step]) for i in parts]
+            )
+        return self._run(spec, spectrum)
+
+    def _run(self, spec: np.ndarray, spectrum: np.ndarray) -> np.ndarray:
         feeds = {self._spec_name: spec, self._spectrum_name: spectrum}
         try:
             (emb,) = self._session.run([self._output_name], feeds)
@@ -157,25 +192,48 @@ def _native_tensorrt_reason() -> str | None:
         return f"tensorrt not installed ({TENSORRT_HINT})"
     if _module_missing("cuda.bindings") and _module_missing("cuda.cudart"):
         return f"cuda-python not installed ({TENSORRT_HINT})"
-    return _gpu_missing_reason()
+    version = tensorrt_version()
+    too_old = tensorrt_unsupported(version) if version else None
+    return too_old or _gpu_missing_reason()
 
 
 def _ort_reason(backend: str, providers: set[str], hint: str) -> str | None:
     if ORT_PROVIDERS[backend] not in providers:
-        return f"onnxruntime has no {ORT_PROVIDERS[backend]} ({hint})"
+        clash = ort_install.conflict()  # the usual cause of a missing GPU provider
+        return clash or f"onnxruntime has no {ORT_PROVIDERS[backend]} ({hint})"
     return _gpu_missing_reason()
+
+
+def _ort_tensorrt_reason(providers: set[str]) -> str | None:
+    reason = _ort_reason(
+        "ort-tensorrt", providers, f"install msn-edge[gpu,tensorrt]; {JETSON_HINT}"
+    )
+    if reason is not None:
+        return reason
+    version = tensorrt_version()
+    if version is None:
+        return f"TensorRT libraries (libnvinfer) not found ({TENSORRT_HINT})"
+    return ort_tensorrt_mismatch(ort.__version__, version)
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_about_conflict() -> None:
+    clash = ort_install.conflict()
+    if clash:
+        log.warning(clash)
 
 
 def available_backends() -> dict[str, str | None]:
     """Every backend mapped to None if it can run here, else the reason and the fix."""
+    if ort is None:
+        no_ort = {b: ort_install.MISSING for b in ORT_CHAIN}
+        return {**no_ort, "tensorrt": _native_tensorrt_reason()}
+    _warn_about_conflict()
     providers = set(ort.get_available_providers())
-    ort_trt = _ort_reason("ort-tensorrt", providers, f"{GPU_HINT} and {TENSORRT_HINT}")
-    if ort_trt is None and _module_missing("tensorrt") and not ctypes.util.find_library("nvinfer"):
-        ort_trt = f"TensorRT libraries (libnvinfer) not found ({TENSORRT_HINT})"
     return {
         "cpu": None,
         "cuda": _ort_reason("cuda", providers, GPU_HINT),
-        "ort-tensorrt": ort_trt,
+        "ort-tensorrt": _ort_tensorrt_reason(providers),
         "tensorrt": _native_tensorrt_reason(),
     }
 
@@ -197,13 +255,53 @@ def _pick_auto(reasons: dict[str, str | None], precision: str) -> str:
     raise BackendError(f"no backend can run precision {precision} here ({why})")
 
 
-def _ort_tensorrt_options(bundle: Bundle, model: bytes, precision: str, cache_dir: Path) -> dict:
-    # ONNX Runtime names its cached engines by graph, not weights: one folder per model
-    # hash, precision and ORT version keeps a re-exported bundle from loading a stale
-    # engine. After upgrading TensorRT itself, delete the folder.
-    key = f"{precision}-{hashlib.sha256(model).hexdigest()[:16]}-ort{ort.__version__}"
-    folder = cache_dir / f"{bundle.path.name}.ort-trt" / key
-    folder.mkdir(parents=True, exist_ok=True)
+def model_inputs(model: bytes) -> dict[str, tuple[int, ...]]:
+    """Each input's name and its dimensions after the (dynamic) batch, from the model."""
+    opts = require_onnxruntime().SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # names only
+    opts.log_severity_level = _ORT_LOG_ERRORS_ONLY
+    try:
+        session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    except _ORT_ERRORS as e:
+        raise BackendError(f"onnxruntime cannot load the model: {e}") from None
+    inputs = {}
+    for i in session.get_inputs():
+        rest = tuple(i.shape[1:])
+        if not all(isinstance(d, int) and d > 0 for d in rest):
+            raise BackendError(
+                f"ONNX input '{i.name}' has shape {i.shape}; expected a dynamic batch and "
+                "fixed other dimensions"
+            )
+        inputs[i.name] = rest
+    return inputs
+
+
+def profile_shape_options(
+    inputs: Mapping[str, tuple[int, ...]], max_batch: int, opt_batch: int = 1
+) -> dict[str, str]:
+    """ONNX Runtime TensorRT provider options for one optimisation profile, batch 1 to
+    `max_batch` (tuned for `opt_batch`): without them, the provider builds an engine for
+    the first batch size it sees and rebuilds (minutes on a Jetson) for every larger one."""
+    if not 1 <= opt_batch <= max_batch:
+        raise BackendError(f"profile batch range 1..{max_batch} does not contain {opt_batch}")
+
+    def shapes(batch: int) -> str:
+        return ",".join(
+            f"{name}:{'x'.join(str(d) for d in (batch, *dims))}" for name, dims in inputs.items()
+        )
+
+    return {
+        "trt_profile_min_shapes": shapes(1),
+        "trt_profile_opt_shapes": shapes(opt_batch),
+        "trt_profile_max_shapes": shapes(max_batch),
+    }
+
+
+def ort_tensorrt_options(
+    folder: Path, precision: str, inputs: Mapping[str, tuple[int, ...]], max_batch: int
+) -> dict:
+    """The TensorRT provider's options: profile shapes, precision flags, and its engine and
+    timing caches in `folder`, which must be keyed by everything the engines depend on."""
     return {
         "trt_engine_cache_enable": True,
         "trt_engine_cache_path": str(folder),
@@ -212,7 +310,26 @@ def _ort_tensorrt_options(bundle: Bundle, model: bytes, precision: str, cache_di
         "trt_fp16_enable": precision == "fp16",
         # Q/DQ models carry their own scales: int8 needs no calibration table, only the flag.
         "trt_int8_enable": precision == "int8",
+        **profile_shape_options(inputs, max_batch),
     }
+
+
+def ort_tensorrt_cache_folder(
+    cache_dir: Path, stem: str, model: bytes, precision: str, max_batch: int
+) -> Path:
+    """`<stem>.ort-trt/<precision>-<key hash>`: ONNX Runtime names cached engines by graph
+    and compute capability only, so one folder per full key (model sha256, TensorRT and
+    ONNX Runtime versions, GPU name, SM count, memory, batch limit) keeps it from loading
+    an engine built for another model, TensorRT or Orin module."""
+    key = engine_cache_key(
+        model,
+        precision,
+        tensorrt_version=tensorrt_version() or "unknown",
+        gpu=query_gpu(),
+        max_batch=max_batch,
+        builder=f"onnxruntime {ort.__version__}",
+    )
+    return Path(cache_dir) / f"{stem}.ort-trt" / f"{precision}-{key.digest}"
 
 
 def make_engine(
@@ -233,6 +350,8 @@ def make_engine(
         raise BackendError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
     if precision not in PRECISIONS:
         raise BackendError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
+    if ort is None and backend != "tensorrt":
+        raise BackendError(ort_install.MISSING)
     reasons = available_backends()
     auto = backend == "auto"
     if auto:
@@ -257,9 +376,15 @@ def make_engine(
     else:  # int8 activations with zero point 0: what TensorRT's explicit quantization takes
         model = bundle.model_bytes("int8")
     providers: list[str | tuple[str, dict]] = []
+    max_batch = None
     for b in ORT_CHAIN[ORT_CHAIN.index(backend) :]:  # lesser EPs take the ops an EP lacks
         if b == "ort-tensorrt":
-            options = _ort_tensorrt_options(bundle, model, precision, cache_dir)
+            max_batch = DEFAULT_MAX_BATCH
+            folder = ort_tensorrt_cache_folder(
+                cache_dir, bundle.path.name, model, precision, max_batch
+            )
+            folder.mkdir(parents=True, exist_ok=True)
+            options = ort_tensorrt_options(folder, precision, model_inputs(model), max_batch)
             log.info(
                 "onnxruntime TensorRT: engine cache in %s (the first run on a device builds "
                 "it, which takes minutes)",
@@ -269,7 +394,12 @@ def make_engine(
         else:
             providers.append(ORT_PROVIDERS[b])
     engine = OrtEngine(
-        model, providers=providers, threads=threads, name=backend, precision=precision
+        model,
+        providers=providers,
+        threads=threads,
+        name=backend,
+        precision=precision,
+        max_batch=max_batch,
     )
     active = engine.providers[0]
     if active != ORT_PROVIDERS[backend]:

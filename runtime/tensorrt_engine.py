@@ -2,11 +2,10 @@
 and run it with cuda-python.
 
 A TensorRT engine runs only with the TensorRT version and GPU that built it, so it is built
-on the edge box on first use and cached beside the bundle (or in `cache_dir`). The cache
-is keyed by TensorRT version, GPU, precision, batch limit and the ONNX sha256: the key's
-hash is in the file name, the whole key in a JSON sidecar with the engine's own sha256.
-A cache whose sidecar does not match, or whose bytes do not match the sidecar, is rebuilt,
-never loaded.
+on the edge box on first use and cached beside the bundle (or in `cache_dir`), keyed by
+TensorRT version, GPU (name, compute capability, SM count, memory), precision, batch limit
+and the ONNX sha256 (engine_cache.py). A cache that does not match is rebuilt, never
+loaded; one that matches but that TensorRT still cannot deserialize is rebuilt too.
 
 Precision. TensorRT 10 (weak typing): fp32 builds strongly typed from the fp32 ONNX; fp16
 sets BuilderFlag.FP16 on it; int8 builds the bundle's Q/DQ model with BuilderFlag.INT8
@@ -14,124 +13,52 @@ sets BuilderFlag.FP16 on it; int8 builds the bundle's Q/DQ model with BuilderFla
 (strong typing only): fp32 and int8 (Q/DQ) build as before because their precision is in
 the ONNX, but fp16 would need an fp16 ONNX (ModelOpt AutoCast) that bundles do not carry,
 so it is refused with that explanation instead of being built as fp32 behind the user's
-back.
+back. TensorRT 8.x (JetPack 6.0) is refused with the versions to use.
+
+Host staging buffers are page-locked (cudaMallocHost), so the asynchronous copies really
+are asynchronous DMA instead of a staged copy through a driver buffer.
 
 tensorrt and cuda-python are imported lazily: this module imports without them, and its
-plain-Python parts (cache key, sidecar check, `build_engine`) serve `msn-edge export
---format engine` too.
+plain-Python parts (cache key, `build_engine`) serve `msn-edge export --format engine` too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
+import ctypes
 import logging
 import math
-import os
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from msn_edge.runtime.bundle import Bundle
+from msn_edge.runtime.engine_cache import (
+    DEFAULT_MAX_BATCH,
+    EngineKey,
+    cache_path,
+    drop_cached_engine,
+    engine_cache_key,
+    load_cached_engine,
+    save_cached_engine,
+)
 from msn_edge.runtime.engines import TENSORRT_HINT, Engine, check_inputs
 from msn_edge.runtime.errors import BackendError
+from msn_edge.runtime.gpu import query_gpu, tensorrt_unsupported
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BATCH = 8  # optimisation profile: min 1, opt 1 (streaming), max this
 DEFAULT_WORKSPACE_MB = 1024  # builder scratch memory; Jetson Orin Nano has 8 GB shared
 PRECISIONS = ("fp32", "fp16", "int8")
 _MiB = 1 << 20
+T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class EngineKey:
-    """Everything an engine depends on; any difference means a rebuild."""
-
-    tensorrt_version: str
-    gpu: str  # name and compute capability, e.g. "Orin sm_87"
-    precision: str
-    onnx_sha256: str
-    max_batch: int
-
-    @property
-    def digest(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def engine_cache_key(
-    onnx_bytes: bytes,
-    precision: str,
-    *,
-    tensorrt_version: str,
-    gpu: str,
-    max_batch: int = DEFAULT_MAX_BATCH,
-) -> EngineKey:
-    return EngineKey(
-        tensorrt_version=tensorrt_version,
-        gpu=gpu,
-        precision=precision,
-        onnx_sha256=hashlib.sha256(onnx_bytes).hexdigest(),
-        max_batch=max_batch,
-    )
-
-
-def cache_path(cache_dir: Path, stem: str, key: EngineKey) -> Path:
-    """`<stem>.<precision>.<key hash>.engine`, e.g. fan.msn.fp16.3f2a9c0d1b7e4a55.engine."""
-    return Path(cache_dir) / f"{stem}.{key.precision}.{key.digest}.engine"
-
-
-def sidecar_path(engine_path: Path) -> Path:
-    return engine_path.with_name(engine_path.name + ".json")
-
-
-def load_cached_engine(engine_path: Path, key: EngineKey) -> bytes | None:
-    """The cached engine if its sidecar matches `key` and its bytes; else None (rebuild)."""
-    if not engine_path.is_file():
-        return None
-    try:
-        meta = json.loads(sidecar_path(engine_path).read_text())
-        plan = engine_path.read_bytes()
-    except (OSError, ValueError) as e:
-        log.info("rebuilding %s: no readable sidecar (%s)", engine_path.name, e)
-        return None
-    wanted = asdict(key)
-    found = meta.get("key") if isinstance(meta, dict) else None
-    if found != wanted:
-        differ = sorted(
-            k for k in wanted if not isinstance(found, dict) or found.get(k) != wanted[k]
-        )
-        log.info("rebuilding %s: cache built for another %s", engine_path.name, ", ".join(differ))
-        return None
-    if meta.get("engine_sha256") != hashlib.sha256(plan).hexdigest():
-        log.info("rebuilding %s: the engine file does not match its sidecar", engine_path.name)
-        return None
-    return plan
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def save_cached_engine(engine_path: Path, key: EngineKey, plan: bytes) -> None:
-    """Engine first, sidecar last: an interrupted save leaves a cache that is rebuilt."""
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(engine_path, plan)
-    meta = {
-        "key": asdict(key),
-        "engine_sha256": hashlib.sha256(plan).hexdigest(),
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    _write_atomic(sidecar_path(engine_path), json.dumps(meta, indent=2).encode())
+class EngineLoadError(BackendError):
+    """TensorRT could not deserialize a plan (another TensorRT or GPU, or damaged bytes)."""
 
 
 @dataclass(frozen=True)
@@ -186,13 +113,22 @@ def _cuda_call(cudart, result: tuple):
     return values[0] if len(values) == 1 else tuple(values)
 
 
-def gpu_name() -> str:
-    """The current CUDA device's name and compute capability, e.g. "NVIDIA H100 sm_90"."""
-    cudart = _import_cudart()
-    device = _cuda_call(cudart, cudart.cudaGetDevice())
-    props = _cuda_call(cudart, cudart.cudaGetDeviceProperties(device))
-    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else props.name
-    return f"{name.rstrip(chr(0)).strip()} sm_{props.major}{props.minor}"
+def current_engine_key(
+    onnx_bytes: bytes, precision: str, *, max_batch: int = DEFAULT_MAX_BATCH
+) -> EngineKey:
+    """The cache key of an engine built here: this TensorRT and this GPU. The one key
+    derivation of the runtime and of `msn-edge export --format engine`."""
+    trt = _import_tensorrt()
+    too_old = tensorrt_unsupported(trt.__version__)
+    if too_old:
+        raise BackendError(too_old)
+    return engine_cache_key(
+        onnx_bytes,
+        precision,
+        tensorrt_version=trt.__version__,
+        gpu=query_gpu(),
+        max_batch=max_batch,
+    )
 
 
 def build_engine(
@@ -239,6 +175,21 @@ def build_engine(
     return bytes(serialized)
 
 
+def _build_and_cache(onnx_bytes: bytes, key: EngineKey, path: Path) -> bytes:
+    log.info(
+        "building a TensorRT %s engine on %s (first run here: this takes a while)",
+        key.precision,
+        key.gpu,
+    )
+    plan = build_engine(onnx_bytes, key.precision, max_batch=key.max_batch)
+    try:
+        save_cached_engine(path, key, plan)
+        log.info("TensorRT engine cached at %s", path)
+    except OSError as e:
+        log.warning("cannot cache the engine at %s (%s): it is rebuilt next run", path, e.strerror)
+    return plan
+
+
 def load_or_build_engine(
     onnx_bytes: bytes,
     precision: str,
@@ -248,30 +199,52 @@ def load_or_build_engine(
     max_batch: int = DEFAULT_MAX_BATCH,
 ) -> bytes:
     """The cached engine for this TensorRT, GPU and model, building (and caching) it if needed."""
-    trt = _import_tensorrt()
-    gpu = gpu_name()
-    key = engine_cache_key(
-        onnx_bytes, precision, tensorrt_version=trt.__version__, gpu=gpu, max_batch=max_batch
-    )
+    key = current_engine_key(onnx_bytes, precision, max_batch=max_batch)
     path = cache_path(cache_dir, stem, key)
     plan = load_cached_engine(path, key)
     if plan is not None:
         log.info("TensorRT engine from cache: %s", path)
         return plan
-    log.info(
-        "building a TensorRT %s engine on %s (first run here: this takes a while)", precision, gpu
-    )
-    plan = build_engine(onnx_bytes, precision, max_batch=max_batch)
-    try:
-        save_cached_engine(path, key, plan)
-        log.info("TensorRT engine cached at %s", path)
-    except OSError as e:
-        log.warning("cannot cache the engine at %s (%s): it is rebuilt next run", path, e.strerror)
-    return plan
+    return _build_and_cache(onnx_bytes, key, path)
+
+
+def open_cached_engine(
+    onnx_bytes: bytes,
+    precision: str,
+    load: Callable[[bytes], T],
+    *,
+    cache_dir: Path,
+    stem: str,
+    max_batch: int = DEFAULT_MAX_BATCH,
+) -> T:
+    """`load(plan)` of the cached engine, built if needed. A cached plan whose key matches
+    but that TensorRT cannot deserialize (a TensorRT rebuild under the same version, a
+    driver change, bytes damaged along with their sidecar) is dropped and rebuilt once."""
+    key = current_engine_key(onnx_bytes, precision, max_batch=max_batch)
+    path = cache_path(cache_dir, stem, key)
+    plan = load_cached_engine(path, key)
+    if plan is not None:
+        try:
+            engine = load(plan)
+        except EngineLoadError as e:
+            log.warning("%s matches this TensorRT and GPU but %s: rebuilding it", path.name, e)
+            drop_cached_engine(path)
+        else:
+            log.info("TensorRT engine from cache: %s", path)
+            return engine
+    return load(_build_and_cache(onnx_bytes, key, path))
+
+
+def pinned_array(address: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A numpy array over host memory at `address` (page-locked, from cudaMallocHost)."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    return np.frombuffer((ctypes.c_byte * nbytes).from_address(address), dtype).reshape(shape)
 
 
 class TensorRTEngine(Engine):
-    """Runs a TensorRT plan: device buffers sized for max_batch, one CUDA stream."""
+    """Runs a TensorRT plan: device and page-locked host buffers sized for max_batch, one
+    CUDA stream."""
 
     def __init__(self, plan: bytes, *, precision: str, max_batch: int = DEFAULT_MAX_BATCH) -> None:
         trt = _import_tensorrt()
@@ -279,12 +252,17 @@ class TensorRTEngine(Engine):
         self.name = "tensorrt"
         self.precision = precision
         self.max_batch = max_batch
-        self._buffers: dict[str, int] = {}
+        self._buffers: dict[str, int] = {}  # device memory
+        self._pinned: dict[str, int] = {}  # page-locked host memory
+        self._host: dict[str, np.ndarray] = {}  # numpy views of the pinned memory
         self._stream = None
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self._engine = self._runtime.deserialize_cuda_engine(plan)
+        try:
+            self._engine = self._runtime.deserialize_cuda_engine(plan)
+        except RuntimeError as e:
+            raise EngineLoadError(f"TensorRT could not deserialize it ({e})") from None
         if self._engine is None:
-            raise BackendError("TensorRT could not load the engine (see its log above)")
+            raise EngineLoadError("TensorRT could not deserialize it (see its log above)")
         self._context = self._engine.create_execution_context()
 
         engine = self._engine
@@ -301,10 +279,11 @@ class TensorRTEngine(Engine):
         self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
         self._stream = _cuda_call(cudart, cudart.cudaStreamCreate())
         for n in names:
-            per_item = math.prod(tuple(engine.get_tensor_shape(n))[1:])
-            ptr = _cuda_call(
-                cudart, cudart.cudaMalloc(max_batch * per_item * self._dtypes[n].itemsize)
-            )
+            shape = (max_batch, *tuple(engine.get_tensor_shape(n))[1:])
+            nbytes = math.prod(shape) * self._dtypes[n].itemsize
+            self._pinned[n] = _cuda_call(cudart, cudart.cudaMallocHost(nbytes))
+            self._host[n] = pinned_array(int(self._pinned[n]), shape, self._dtypes[n])
+            ptr = _cuda_call(cudart, cudart.cudaMalloc(nbytes))
             self._buffers[n] = ptr
             if not self._context.set_tensor_address(n, int(ptr)):
                 raise BackendError(f"TensorRT refused the device buffer for '{n}'")
@@ -319,14 +298,14 @@ class TensorRTEngine(Engine):
         max_batch: int = DEFAULT_MAX_BATCH,
     ) -> TensorRTEngine:
         onnx_bytes = bundle.model_bytes("int8" if precision == "int8" else "fp32")
-        plan = load_or_build_engine(
+        return open_cached_engine(
             onnx_bytes,
             precision,
+            lambda plan: cls(plan, precision=precision, max_batch=max_batch),
             cache_dir=Path(cache_dir) if cache_dir is not None else bundle.path.parent,
             stem=bundle.path.name,
             max_batch=max_batch,
         )
-        return cls(plan, precision=precision, max_batch=max_batch)
 
     def embed(self, spec: np.ndarray, spectrum: np.ndarray) -> np.ndarray:
         spec, spectrum = check_inputs(spec, spectrum)
@@ -340,24 +319,19 @@ class TensorRTEngine(Engine):
     def _run(self, spec: np.ndarray, spectrum: np.ndarray) -> np.ndarray:
         cudart = self._cudart
         to_device = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        hosts = []  # kept alive until the stream is synchronised
         for name, x in ((self._spec_name, spec), (self._spectrum_name, spectrum)):
-            host = np.ascontiguousarray(x, dtype=self._dtypes[name])
-            hosts.append(host)
-            if not self._context.set_input_shape(name, host.shape):
-                raise BackendError(
-                    f"input '{name}' shape {host.shape} is outside the engine profile"
-                )
+            if not self._context.set_input_shape(name, x.shape):
+                raise BackendError(f"input '{name}' shape {x.shape} is outside the engine profile")
+            host = self._host[name][: x.shape[0]]
+            host[...] = x  # into page-locked memory (and the engine's dtype)
             _cuda_call(
                 cudart,
                 cudart.cudaMemcpyAsync(
                     self._buffers[name], host.ctypes.data, host.nbytes, to_device, self._stream
                 ),
             )
-        out = np.empty(
-            tuple(self._context.get_tensor_shape(self._out_name)),
-            dtype=self._dtypes[self._out_name],
-        )
+        batch = tuple(self._context.get_tensor_shape(self._out_name))[0]
+        out = self._host[self._out_name][:batch]
         if not self._context.execute_async_v3(int(self._stream)):
             raise BackendError("TensorRT inference failed (see its log above)")
         _cuda_call(
@@ -371,13 +345,18 @@ class TensorRTEngine(Engine):
             ),
         )
         _cuda_call(cudart, cudart.cudaStreamSynchronize(self._stream))
-        return out.astype(np.float32)
+        return out.astype(np.float32)  # a copy: the pinned buffer is reused by the next call
 
     def close(self) -> None:
         cudart = self._cudart
+        if self._stream is not None:
+            cudart.cudaStreamSynchronize(self._stream)
+        self._host = {}  # no view may outlive the memory under it
         for ptr in self._buffers.values():
             cudart.cudaFree(ptr)
-        self._buffers = {}
+        for ptr in self._pinned.values():
+            cudart.cudaFreeHost(ptr)
+        self._buffers, self._pinned = {}, {}
         if self._stream is not None:
             cudart.cudaStreamDestroy(self._stream)
             self._stream = None

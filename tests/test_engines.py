@@ -17,25 +17,28 @@ from toy_bundle import ToyModel, anomalous_signal, make_toy_bundle, normal_signa
 from msn_edge.runtime import engines
 from msn_edge.runtime import tensorrt_engine as trt_engine
 from msn_edge.runtime.bundle import read_bundle
-from msn_edge.runtime.engines import OrtEngine, available_backends, make_engine
-from msn_edge.runtime.errors import BackendError, BundleError
-from msn_edge.runtime.frontend import features
-from msn_edge.runtime.tensorrt_engine import (
+from msn_edge.runtime.engine_cache import (
     EngineKey,
     cache_path,
     engine_cache_key,
     load_cached_engine,
-    precision_plan,
     save_cached_engine,
     sidecar_path,
 )
+from msn_edge.runtime.engines import OrtEngine, available_backends, make_engine
+from msn_edge.runtime.errors import BackendError, BundleError
+from msn_edge.runtime.frontend import features
+from msn_edge.runtime.gpu import GpuIdentity
+from msn_edge.runtime.tensorrt_engine import precision_plan
 
 NOTHING_INSTALLED = {
     "cpu": None,
-    "cuda": "onnxruntime has no CUDAExecutionProvider (install msn-edge[gpu])",
-    "ort-tensorrt": "onnxruntime has no TensorrtExecutionProvider (install msn-edge[gpu] and "
-    "pip install msn-edge[tensorrt])",
-    "tensorrt": "tensorrt not installed (pip install msn-edge[tensorrt])",
+    "cuda": "onnxruntime has no CUDAExecutionProvider (install msn-edge[gpu]; on a Jetson: "
+    "docs/jetson.md)",
+    "ort-tensorrt": "onnxruntime has no TensorrtExecutionProvider (install "
+    "msn-edge[gpu,tensorrt]; on a Jetson: docs/jetson.md)",
+    "tensorrt": "tensorrt not installed (pip install msn-edge[tensorrt]; on a Jetson: "
+    "docs/jetson.md)",
 }
 
 
@@ -120,7 +123,12 @@ def test_available_backends_reasons_without_a_gpu(monkeypatch):
         "tensorrt": "no NVIDIA GPU (test)",
     }
     monkeypatch.setattr(engines, "_gpu_missing_reason", lambda: None)
+    monkeypatch.setattr(engines, "tensorrt_version", lambda: "10.3.0")
     assert set(available_backends().values()) == {None}
+    monkeypatch.setattr(engines, "tensorrt_version", lambda: "8.6.2")  # JetPack 6.0
+    reasons = available_backends()
+    assert "JetPack 6.0 ships 8.6" in reasons["ort-tensorrt"]
+    assert reasons["tensorrt"].startswith("TensorRT 8.6.2 is too old: msn-edge needs TensorRT 10")
 
 
 def test_make_engine_missing_backends_say_what_to_install(toy, cpu_only):
@@ -193,38 +201,71 @@ def test_gpu_backend_matches_cpu(toy, batch, backend, precision, tmp_path):
     np.testing.assert_array_less(0.999, np.sum(got * want, axis=1))
 
 
+@pytest.mark.gpu
+def test_ort_tensorrt_builds_one_engine_for_every_batch_size(toy, tmp_path):
+    """The optimisation profile (batch 1..8) means no rebuild when the batch grows; larger
+    batches run in chunks of 8."""
+    reason = available_backends()["ort-tensorrt"]
+    if reason:
+        pytest.skip(f"ort-tensorrt: {reason}")
+    rng = np.random.default_rng(5)
+    waves = np.stack([normal_signal(toy.frontend, rng) for _ in range(11)])
+    spec, spectrum = features(waves, toy.frontend)
+    want = make_engine(toy, "cpu").embed(spec, spectrum)
+    engine = make_engine(toy, "ort-tensorrt", cache_dir=tmp_path)
+    (folder,) = (tmp_path / "toy.msn.ort-trt").iterdir()
+
+    def engines_built() -> dict:
+        return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.engine")}
+
+    built = None
+    for n in (1, 3, 8, 11):
+        got = engine.embed(spec[:n], spectrum[:n])
+        np.testing.assert_array_less(0.999, np.sum(got * want[:n], axis=1))
+        built = built or engines_built()
+        assert built and engines_built() == built, n  # the batch-1 engines, never rebuilt
+
+
 # TensorRT cache: plain Python, no TensorRT needed.
-KEY = EngineKey("10.9.0", "Orin sm_87", "fp16", "ab" * 32, 8)
+ORIN_NANO_8GB = GpuIdentity("Orin", "8.7", 8, 7620)
+KEY = engine_cache_key(b"onnx", "fp16", tensorrt_version="10.3.0", gpu=ORIN_NANO_8GB)
 
 
 def test_engine_key_changes_with_every_field():
-    key = engine_cache_key(b"onnx", "fp16", tensorrt_version="10.9.0", gpu="Orin sm_87")
-    assert key == EngineKey("10.9.0", "Orin sm_87", "fp16", hashlib.sha256(b"onnx").hexdigest(), 8)
+    assert (
+        EngineKey("10.3.0", "Orin", "8.7", 8, 7620, "fp16", hashlib.sha256(b"onnx").hexdigest(), 8)
+        == KEY
+    )
+    assert KEY.builder == "msn-edge"
     digests = {KEY.digest}
     for name, value in [
-        ("tensorrt_version", "10.9.1"),
-        ("gpu", "NVIDIA H100 sm_90"),
+        ("tensorrt_version", "10.3.1"),
+        ("gpu", "NVIDIA H100"),
+        ("compute_capability", "9.0"),
+        ("sm_count", 16),  # an AGX Orin 64 GB: also "Orin", also sm_87
+        ("total_memory_mib", 15_600),  # an Orin NX 16 GB: also 8 SMs
         ("precision", "fp32"),
         ("onnx_sha256", "cd" * 32),
         ("max_batch", 16),
+        ("builder", "onnxruntime 1.20.1"),
     ]:
         digests.add(dataclasses.replace(KEY, **{name: value}).digest)
-    assert len(digests) == 6 and all(len(d) == 16 for d in digests)
+    assert len(digests) == 10 and all(len(d) == 16 for d in digests)
     path = cache_path(Path("/cache"), "fan.msn", KEY)
     assert path == Path(f"/cache/fan.msn.fp16.{KEY.digest}.engine")
     assert sidecar_path(path).name == f"fan.msn.fp16.{KEY.digest}.engine.json"
 
 
 def test_cached_engine_loads_only_when_everything_matches(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="msn_edge.runtime.tensorrt_engine")
+    caplog.set_level(logging.INFO, logger="msn_edge.runtime.engine_cache")
     path = cache_path(tmp_path, "fan.msn", KEY)
     assert load_cached_engine(path, KEY) is None  # nothing cached yet
     save_cached_engine(path, KEY, b"plan-bytes")
     assert load_cached_engine(path, KEY) == b"plan-bytes"
 
-    other_gpu = dataclasses.replace(KEY, gpu="NVIDIA H100 sm_90")
-    assert load_cached_engine(path, other_gpu) is None  # same file name forced: still refused
-    assert "cache built for another gpu" in caplog.text
+    agx = dataclasses.replace(KEY, sm_count=16, total_memory_mib=62_800)
+    assert load_cached_engine(path, agx) is None  # same file name forced: still refused
+    assert "cache built for another sm_count, total_memory_mib" in caplog.text
 
     path.write_bytes(b"plan-bytes, damaged")
     assert load_cached_engine(path, KEY) is None
@@ -237,28 +278,72 @@ def test_cached_engine_loads_only_when_everything_matches(tmp_path, caplog):
     assert load_cached_engine(path, KEY) is None
 
 
-def test_load_or_build_rebuilds_a_mismatched_cache(tmp_path, monkeypatch):
-    fake_trt = SimpleNamespace(__version__="10.9.0")
-    builds = []
+@pytest.fixture
+def fake_tensorrt(monkeypatch):
+    """TensorRT and the GPU as the cache logic sees them: a version, an identity, a build."""
+    box = SimpleNamespace(trt=SimpleNamespace(__version__="10.3.0"), gpu=ORIN_NANO_8GB, builds=[])
 
     def fake_build(onnx_bytes, precision, *, max_batch):
-        builds.append((fake_trt.__version__, precision))
-        return f"plan for {fake_trt.__version__}".encode()
+        box.builds.append((box.trt.__version__, box.gpu.sm_count, precision))
+        return f"plan for {box.trt.__version__} on {box.gpu.sm_count} SMs".encode()
 
-    monkeypatch.setattr(trt_engine, "_import_tensorrt", lambda: fake_trt)
-    monkeypatch.setattr(trt_engine, "gpu_name", lambda: "Orin sm_87")
+    monkeypatch.setattr(trt_engine, "_import_tensorrt", lambda: box.trt)
+    monkeypatch.setattr(trt_engine, "query_gpu", lambda: box.gpu)
     monkeypatch.setattr(trt_engine, "build_engine", fake_build)
+    return box
 
+
+def test_load_or_build_rebuilds_a_mismatched_cache(tmp_path, fake_tensorrt):
     def load() -> bytes:
         return trt_engine.load_or_build_engine(b"onnx", "fp16", cache_dir=tmp_path, stem="fan.msn")
 
-    assert load() == b"plan for 10.9.0"
-    assert load() == b"plan for 10.9.0"
-    assert builds == [("10.9.0", "fp16")]  # the second run came from the cache
-    fake_trt.__version__ = "10.10.0"  # TensorRT upgraded on the box
-    assert load() == b"plan for 10.10.0"
-    assert builds == [("10.9.0", "fp16"), ("10.10.0", "fp16")]
-    assert len(list(tmp_path.glob("fan.msn.fp16.*.engine"))) == 2
+    assert load() == b"plan for 10.3.0 on 8 SMs"
+    assert load() == b"plan for 10.3.0 on 8 SMs"
+    assert fake_tensorrt.builds == [("10.3.0", 8, "fp16")]  # the second run: from the cache
+    fake_tensorrt.trt.__version__ = "10.7.0"  # TensorRT upgraded on the box
+    assert load() == b"plan for 10.7.0 on 8 SMs"
+    fake_tensorrt.gpu = GpuIdentity("Orin", "8.7", 16, 62_800)  # the cache moved to an AGX
+    assert load() == b"plan for 10.7.0 on 16 SMs"
+    assert len(fake_tensorrt.builds) == 3
+    assert len(list(tmp_path.glob("fan.msn.fp16.*.engine"))) == 3
+
+
+def test_a_matching_plan_that_does_not_deserialize_is_rebuilt(tmp_path, fake_tensorrt, caplog):
+    loaded = []
+
+    def load(plan: bytes) -> str:
+        if plan.startswith(b"stale"):  # what TensorRT says of a plan it cannot read
+            raise trt_engine.EngineLoadError("TensorRT could not deserialize it")
+        loaded.append(plan)
+        return "engine"
+
+    key = trt_engine.current_engine_key(b"onnx", "fp16")
+    path = cache_path(tmp_path, "fan.msn", key)
+    save_cached_engine(path, key, b"stale plan, right key")
+
+    def open_engine():
+        return trt_engine.open_cached_engine(
+            b"onnx", "fp16", load, cache_dir=tmp_path, stem="fan.msn"
+        )
+
+    with caplog.at_level(logging.WARNING, logger="msn_edge.runtime.tensorrt_engine"):
+        assert open_engine() == "engine"
+    assert "matches this TensorRT and GPU but TensorRT could not deserialize it" in caplog.text
+    assert loaded == [b"plan for 10.3.0 on 8 SMs"] and len(fake_tensorrt.builds) == 1
+    assert load_cached_engine(path, key) == b"plan for 10.3.0 on 8 SMs"  # replaced in the cache
+    assert open_engine() == "engine" and len(fake_tensorrt.builds) == 1  # now from the cache
+
+    def broken(plan: bytes) -> str:  # a fresh build that does not load either: an error
+        raise trt_engine.EngineLoadError("TensorRT could not deserialize it")
+
+    with pytest.raises(BackendError, match="could not deserialize"):
+        trt_engine.open_cached_engine(b"other", "fp16", broken, cache_dir=tmp_path, stem="x")
+
+
+def test_tensorrt_8_is_refused_with_the_jetpack_to_use(fake_tensorrt):
+    fake_tensorrt.trt.__version__ = "8.6.2"
+    with pytest.raises(BackendError, match=r"TensorRT 8\.6\.2 is too old.*JetPack 6\.1 or 6\.2"):
+        trt_engine.current_engine_key(b"onnx", "fp32")
 
 
 def test_precision_plan_for_tensorrt_10_and_11():
@@ -275,6 +360,7 @@ def test_native_tensorrt_without_the_package(toy, monkeypatch):
     if not engines._module_missing("tensorrt"):
         pytest.skip("tensorrt is installed here")
     with pytest.raises(
-        BackendError, match=r"tensorrt not installed \(pip install msn-edge\[tensorrt\]\)"
+        BackendError,
+        match=r"tensorrt not installed \(pip install msn-edge\[tensorrt\]; on a Jetson",
     ):
         trt_engine.TensorRTEngine.from_bundle(toy)

@@ -66,3 +66,43 @@ def test_engine_matches_onnx_runtime_and_is_cached_for_the_runtime(
         )
     finally:
         engine.close()
+
+
+def test_cached_plan_that_does_not_deserialize_is_rebuilt(bundle, tmp_path):
+    """A plan under the right key that TensorRT cannot read is rebuilt, not fatal."""
+    from msn_edge.runtime.engine_cache import cache_path, load_cached_engine, save_cached_engine
+    from msn_edge.runtime.tensorrt_engine import TensorRTEngine, current_engine_key
+
+    onnx_bytes = bundle.model_bytes("fp32")
+    key = current_engine_key(onnx_bytes, "fp32")
+    path = cache_path(tmp_path, bundle.path.name, key)
+    save_cached_engine(path, key, b"not a TensorRT plan")  # sidecar and sha256 match
+    engine = TensorRTEngine.from_bundle(bundle, precision="fp32", cache_dir=tmp_path)
+    try:
+        windows = synthetic_windows(bundle.frontend)[:2]
+        emb = engine.embed(*features(np.stack(windows), bundle.frontend))
+        assert emb.shape == (2, bundle.embedding_dim) and np.all(np.isfinite(emb))
+    finally:
+        engine.close()
+    assert load_cached_engine(path, key) not in (None, b"not a TensorRT plan")
+
+
+def test_host_buffers_are_page_locked_and_reused(bundle, tmp_path):
+    from msn_edge.runtime.tensorrt_engine import TensorRTEngine, _import_cudart
+
+    cudart = _import_cudart()
+    engine = TensorRTEngine.from_bundle(bundle, precision="fp32", cache_dir=tmp_path)
+    try:
+        for name, view in engine._host.items():
+            assert view.ctypes.data == int(engine._pinned[name])
+            err, attrs = cudart.cudaPointerGetAttributes(view.ctypes.data)
+            assert err == cudart.cudaError_t.cudaSuccess
+            assert attrs.type == cudart.cudaMemoryType.cudaMemoryTypeHost, name
+        windows = np.stack(synthetic_windows(bundle.frontend)[:3])
+        spec, spectrum = features(windows, bundle.frontend)
+        first = engine.embed(spec, spectrum)
+        again = engine.embed(spec[:1], spectrum[:1])  # the buffers are reused, not aliased
+        np.testing.assert_allclose(again[0], first[0], rtol=1e-5, atol=1e-6)
+        assert first.shape == (3, bundle.embedding_dim)
+    finally:
+        engine.close()

@@ -77,6 +77,22 @@ CASES = {
         [],
         "axes that is not a constant",
     ),
+    "runtime slice axes": (
+        [
+            helper.make_node("Shape", ["x"], ["shape"], start=3),
+            helper.make_node("Slice", ["x", "starts", "ends", "shape"], ["y"]),
+        ],
+        [const("starts", [0], np.int64), const("ends", [4], np.int64)],
+        r"node 'y' \(Slice\): axes that is not a constant is not supported",
+    ),
+    "runtime pad axes": (
+        [
+            helper.make_node("Shape", ["x"], ["shape"], start=3),
+            helper.make_node("Pad", ["x", "pads", "", "shape"], ["y"]),
+        ],
+        [const("pads", [1, 1], np.int64)],
+        r"node 'y' \(Pad\): axes that is not a constant is not supported",
+    ),
     "non-zero zero point": (
         [
             helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"]),
@@ -116,6 +132,24 @@ def test_unsupported_ops_and_attributes_are_rejected(case):
     nodes, inits, expected = CASES[case]
     problems = tensorrt_problems(model(nodes, [X], [Y], inits))
     assert any(re.search(expected, p) for p in problems), problems
+
+
+def test_pad_and_slice_with_constant_or_default_axes_pass():
+    nodes = [
+        helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["s"]),  # initializer axes
+        helper.make_node(
+            "Constant", [], ["pad_axes"], value=numpy_helper.from_array(np.array([3], np.int64))
+        ),
+        helper.make_node("Pad", ["s", "pads", "", "pad_axes"], ["p"]),  # Constant-node axes
+        helper.make_node("Slice", ["p", "starts", "ends"], ["y"]),  # no axes: all of them
+    ]
+    inits = [
+        const("starts", [0], np.int64),
+        const("ends", [4], np.int64),
+        const("axes", [3], np.int64),
+        const("pads", [1, 1], np.int64),
+    ]
+    assert tensorrt_problems(model(nodes, [X], [Y], inits)) == []
 
 
 def test_opset_outside_tensorrt_10_range_is_rejected():
