@@ -38,7 +38,7 @@ def _from_metadata() -> dict[str, list[Requirement]]:
     for text in dist.requires or []:
         req = Requirement(text)
         owner = [e for e in extras if e and req.marker and req.marker.evaluate({"extra": e})]
-        if req.marker is None:
+        if req.marker is None or "extra" not in str(req.marker):  # base, maybe per Python
             extras[BASE].append(req)
         for e in owner:
             extras[e].append(Requirement(f"{req.name}{req.specifier}"))
