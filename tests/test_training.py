@@ -172,8 +172,8 @@ def test_transforms_keep_level_and_change_the_sound():
 
 
 def test_one_class_gets_speed_classes(one_class):
-    """msn-edge's recipe: the machine at four speeds, drawn on the fly (no extra clips)."""
-    cfg = small_config()
+    """The log-speed recipe: the machine at four speeds, drawn on the fly (no extra clips)."""
+    cfg = with_recipe(small_config(), "log-speed")
     clips = [c for c in scan(one_class, split="train") if c.label == "normal"]
     waves = [np.zeros(SR, dtype=np.float32) + 0.01 for _ in clips]
     plan = build_classes(clips, waves, cfg, aux="transforms")
@@ -239,7 +239,7 @@ def test_training_learns_and_writes_the_run(run3, data):
 def test_checkpoint_round_trip_with_weights_only(run3):
     state = torch.load(run3.run_dir / "checkpoint.pt", weights_only=True)
     assert state["format"] == 1 and state["epoch"] == 3
-    assert state["classes"] == run3.classes and state["auxiliary"]["mode"] == "speed_classes"
+    assert state["classes"] == run3.classes and state["auxiliary"] is None
     assert state["data"]["n_clips"] == 24 and len(state["data"]["groups"]) == 4
     assert {"optimizer", "head", "rng", "msn_edge_version"} <= state.keys()
     assert state["config"] == small_config(epochs=3).to_dict()
@@ -378,7 +378,7 @@ def test_cli_one_class_adds_auxiliary_classes(one_class, tmp_path):
 
 def test_cli_refuses_one_class_without_aux(one_class, tmp_path):
     args = ["train", str(one_class), "-o", str(tmp_path / "r"), "--preset", "tiny", "--aux", "none"]
-    args += ["--recipe", "paper"]  # msn-edge's speed classes need no auxiliary classes
+    args += ["--recipe", "paper"]  # log-speed's speed classes need no auxiliary classes
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1
     assert "Error: found 1 class (fan/id_00)" in result.stderr

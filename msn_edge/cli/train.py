@@ -42,8 +42,8 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
     "--recipe",
     type=click.Choice(list(RECIPES)),
     default=None,
-    help="How to train: msn-edge's (log inputs, speed classes) or the paper's  "
-    "[default: the preset's, msn-edge]",
+    help="How to train: the paper's, or log-speed (log inputs with band levels, speed "
+    "classes, no mixup: better on stationary faults)  [default: paper]",
 )
 @click.option(
     "--epochs", type=click.IntRange(min=1), default=None, help="Epochs  [default: the preset's]"
