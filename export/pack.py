@@ -58,9 +58,10 @@ class ExportOptions:
     # every activation of every window in memory: 32 dcase2020 windows peak at 4.6 GB.
     calibration_clips: int = 32
     # An int8 model whose AUC on --eval-data falls more than this below fp32's gets a
-    # warning: post-training int8 adds embedding noise (cosine ~0.97 to fp32) that can
-    # swamp a weakly trained model's normal/anomalous margin.
-    int8_max_auc_drop: float = 0.02
+    # warning and is marked not recommended in the bundle (the monitor then refuses it
+    # unless forced): post-training int8 adds embedding noise (cosine ~0.97 to fp32)
+    # that can swamp a model's normal/anomalous margin.
+    int8_max_auc_drop: float = 0.01
     engine_cache_dir: Path | None = None  # default: where the runtime looks (beside the bundle)
 
     def validate(self) -> None:
@@ -115,6 +116,7 @@ class ExportReport:
     parity: ParityReport
     int8: Int8Report | None = None
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # precision -> metric
+    not_recommended: dict[str, str] = field(default_factory=dict)  # int8 variant -> why
     engine: dict | None = None
     seconds: float = 0.0
 
@@ -234,17 +236,17 @@ def _latencies_ms(
     return {name: 1000 * float(np.median(t[1:])) for name, t in times.items()}
 
 
-def int8_auc_warnings(metrics: dict[str, dict[str, float]], max_drop: float) -> list[str]:
-    """A warning per int8 model whose AUC falls more than `max_drop` below fp32's."""
+def int8_not_recommended(metrics: dict[str, dict[str, float]], max_drop: float) -> dict[str, str]:
+    """Int8 variant -> why it is not recommended, for each whose AUC falls more than
+    `max_drop` below fp32's on the evaluation data."""
     fp32 = metrics.get("fp32", {}).get("auc", math.nan)
-    out = []
+    out = {}
     for variant, values in metrics.items():
         drop = fp32 - values.get("auc", math.nan)
         if variant != "fp32" and drop > max_drop:
-            out.append(
-                f"the {variant} model's AUC is {100 * drop:.1f} points below fp32's "
-                f"({_pct(values['auc'])} vs {_pct(fp32)} on the evaluation data): deploy "
-                "fp32 for this model (int8 noise exceeds its normal/anomalous margin)"
+            out[variant] = (
+                f"AUC {100 * drop:.1f} points below fp32's ({_pct(values['auc'])} vs "
+                f"{_pct(fp32)} on the export's evaluation data)"
             )
     return out
 
@@ -376,8 +378,14 @@ def export_bundle(run_path: str | Path, out: str | Path, options: ExportOptions)
         report.metrics = _eval_metrics(
             {"fp32": fp32, **int8}, scoring, test, frontend, options.threads
         )
-        for warning in int8_auc_warnings(report.metrics, options.int8_max_auc_drop):
-            log.warning(warning)
+        report.not_recommended = int8_not_recommended(report.metrics, options.int8_max_auc_drop)
+        for variant, why in report.not_recommended.items():
+            log.warning(
+                "the %s model is marked not recommended in the bundle: %s; the monitor "
+                "runs it only with --allow-not-recommended",
+                variant,
+                why,
+            )
 
     if options.format == "engine":
         report.engine = _engine(options, fp32, int8.get("int8"), frontend, scoring, real, out)
@@ -396,6 +404,7 @@ def export_bundle(run_path: str | Path, out: str | Path, options: ExportOptions)
             "preset": run.config.preset,
             "model_config": _json_safe(asdict(run.config.model)),
             "export": report.to_dict(),
+            "not_recommended": report.not_recommended,
         },
     )
     log.info("wrote %s", out)

@@ -7,7 +7,7 @@ from export_helpers import exported_bundle
 from onnx import numpy_helper
 
 from msn_edge.checkpoint import load_checkpoint
-from msn_edge.export.pack import int8_auc_warnings
+from msn_edge.export.pack import int8_not_recommended
 from msn_edge.export.parity import cpu_engine, engine_embed, synthetic_windows
 from msn_edge.export.quantize import Int8Config, quantize_int8
 from msn_edge.runtime.bundle import read_bundle
@@ -121,17 +121,17 @@ def test_calibration_needs_windows(exported):
         quantize_int8(fp32, [], run.config.frontend)
 
 
-def test_int8_auc_loss_is_warned_about():
+def test_int8_losing_auc_is_marked_not_recommended():
     metrics = {
         "fp32": {"auc": 0.90, "pauc": 0.80},
-        "int8-cpu": {"auc": 0.89, "pauc": 0.79},  # within 2 points: silent
+        "int8-cpu": {"auc": 0.895, "pauc": 0.79},  # within 1 point: recommended
         "int8": {"auc": 0.55, "pauc": 0.50},
     }
-    (warning,) = int8_auc_warnings(metrics, max_drop=0.02)
-    assert warning.startswith("the int8 model's AUC is 35.0 points below fp32's (55.00 vs 90.00")
-    assert "deploy fp32" in warning
-    assert int8_auc_warnings(metrics, max_drop=0.5) == []
-    assert int8_auc_warnings({"fp32": {"auc": 0.9}}, max_drop=0.0) == []
+    marked = int8_not_recommended(metrics, max_drop=0.01)
+    assert list(marked) == ["int8"]
+    assert marked["int8"].startswith("AUC 35.0 points below fp32's (55.00 vs 90.00")
+    assert int8_not_recommended(metrics, max_drop=0.5) == {}
+    assert int8_not_recommended({"fp32": {"auc": 0.9}}, max_drop=0.0) == {}
 
 
 @pytest.mark.parametrize("target", ["cpu", "tensorrt"])
