@@ -5,17 +5,19 @@ This is what `msn-edge score` and the streaming monitor call; it owns no streami
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from msn_edge.runtime.audio import read_audio
+from msn_edge.runtime.audio import unjudgeable
 from msn_edge.runtime.bundle import Bundle, read_bundle
 from msn_edge.runtime.engines import Engine, make_engine
 from msn_edge.runtime.errors import AudioError, BackendError
-from msn_edge.runtime.frontend import features, fit_window
+from msn_edge.runtime.filescore import FileResult, file_windows, judge_file
+from msn_edge.runtime.frontend import features
 from msn_edge.runtime.scorer import Scorer
 
 
@@ -26,6 +28,13 @@ class Scored:
     threshold: float
     frontend_ms: float  # per window (a batch's time divided by its size)
     inference_ms: float  # per window, engine only
+    invalid: str | None = None  # why no verdict: score NaN, anomalous False (audio.unjudgeable)
+
+    @property
+    def verdict(self) -> str:
+        if self.invalid:
+            return "invalid"
+        return "anomalous" if self.anomalous else "normal"
 
 
 class Detector:
@@ -85,10 +94,20 @@ class Detector:
         return self.score_batch(window[None])[0]
 
     def score_batch(self, windows: np.ndarray) -> list[Scored]:
-        """Windows (B, L); timings are the batch's divided by B."""
+        """Windows (B, L); timings are the batch's divided by B.
+
+        A window that cannot be judged (non-finite, digital silence) is not run through
+        the model: its Scored has `invalid` set and a NaN score, never a verdict.
+        """
         windows = np.asarray(windows, dtype=np.float32)
         if windows.ndim != 2 or windows.shape[0] == 0:
             raise AudioError(f"expected a batch of windows (B, L), got shape {windows.shape}")
+        reasons = [unjudgeable(w) for w in windows]
+        if any(reasons):
+            windows = windows.copy()
+            for i, reason in enumerate(reasons):
+                if reason:
+                    windows[i] = 0.0  # keeps NaN out of the engine; the result is discarded
         n = windows.shape[0]
         t0 = time.perf_counter()
         spec, spectrum = features(windows, self.frontend)
@@ -104,13 +123,30 @@ class Detector:
         flags = self.scorer.verdict(scores)
         frontend_ms, inference_ms = 1e3 * (t1 - t0) / n, 1e3 * (t2 - t1) / n
         return [
-            Scored(float(s), bool(a), self.threshold, frontend_ms, inference_ms)
-            for s, a in zip(scores, flags, strict=True)
+            Scored(math.nan, False, self.threshold, frontend_ms, inference_ms, why)
+            if why
+            else Scored(float(s), bool(a), self.threshold, frontend_ms, inference_ms)
+            for s, a, why in zip(scores, flags, reasons, strict=True)
         ]
 
     def score_file(
         self, path: str | Path, *, downmix: bool = False, resample: bool = False
-    ) -> Scored:
-        """A whole clip: tiled or truncated to one window from its start (offset 0)."""
-        wave = read_audio(path, self.frontend.sample_rate, downmix=downmix, resample=resample)
-        return self.score(fit_window(wave, self.frontend.window_samples, offset=0))
+    ) -> FileResult:
+        """A whole file, every window of it (see runtime.filescore)."""
+        fe = self.frontend
+        frames, windows = file_windows(
+            path,
+            fe.sample_rate,
+            fe.window_samples,
+            downmix=downmix,
+            resample=resample,
+            flags=True,
+        )
+        return judge_file(
+            windows,
+            frames,
+            fe.sample_rate,
+            fe.window_samples,
+            self.threshold,
+            lambda batch: [s.score for s in self.score_batch(batch)],
+        )

@@ -117,6 +117,7 @@ def test_window_events_carry_the_documented_fields(toy, tmp_path):
         "threshold",
         "anomalous",
         "verdict",
+        "invalid_reason",
         "latency_ms",
         "frontend_ms",
         "inference_ms",

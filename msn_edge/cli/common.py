@@ -28,6 +28,18 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def echo_stdout(text: str) -> None:
+    """A result line on stdout; a closed or full stdout is one clear error, not a traceback."""
+    try:
+        click.echo(text)
+    except (OSError, ValueError) as e:
+        from msn_edge.runtime.events import silence_stdout
+
+        silence_stdout()
+        why = getattr(e, "strerror", None) or str(e)
+        raise MsnEdgeError(f"cannot write results to stdout ({why})") from None
+
+
 # Libraries that log their internals at INFO (the ONNX exporter logs one line per
 # deduplicated initializer, hundreds per export): their warnings only, unless --verbose.
 CHATTY_LIBRARIES = ("onnx_ir", "onnxscript", "torch.onnx")
