@@ -42,6 +42,7 @@ class DetectorLike(Protocol):
 class Summary:
     windows: int = 0
     anomalous: int = 0
+    invalid: int = 0  # windows that could not be judged (verdict "invalid")
     alarms: int = 0
     alarm_active: bool = False  # an alarm was still raised when the monitor stopped
     overruns: int = 0
@@ -64,8 +65,10 @@ class Summary:
     def line(self) -> str:
         alarm = ", alarm still active" if self.alarm_active else ""
         return (
-            f"{self.windows} windows, {self.anomalous} anomalous, {self.alarms} alarms{alarm}, "
+            f"{self.windows} windows, {self.anomalous} anomalous, {self.invalid} invalid, "
+            f"{self.alarms} alarms{alarm}, "
             f"{self.overruns} overruns ({self.dropped_samples} samples dropped), "
+            f"{self.discarded_samples} samples in no window, "
             f"{self.reconnects} reconnects, mean latency {self.mean_latency_ms:.1f} ms, "
             f"real-time factor {self.real_time_factor:.4f} "
             f"({self.audio_s:.1f} s of audio in {self.wall_s:.1f} s)"
@@ -158,8 +161,9 @@ def run_monitor(
         reported, after_gap = stats, False
         summary.windows += 1
         summary.anomalous += bool(scored.anomalous)
+        summary.invalid += bool(getattr(scored, "invalid", None))
         summary.processing_s += (scored.frontend_ms + scored.inference_ms) / 1000.0
-        if alarm is not None:
+        if alarm is not None and not getattr(scored, "invalid", None):  # no verdict: no vote
             change = alarm.update(window.index, scored.anomalous, clock.utc_s(window.start))
             if change is not None:
                 sink(alarm_event(change, clock.utc_s(window.start + windower.size)))
@@ -193,5 +197,11 @@ def run_monitor(
         summary.reconnects = source.stats.reconnects
         if alarm is not None:
             summary.alarms, summary.alarm_active = alarm.alarms, alarm.active
+        if windower.pending:
+            log.warning(
+                "the last %.3f s (%d samples) made no complete window and were not scored",
+                windower.pending / fe.sample_rate,
+                windower.pending,
+            )
         log.info("stopped: %s", summary.line())
     return summary

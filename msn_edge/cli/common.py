@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -26,6 +27,18 @@ def user_errors(fn: F) -> F:
             raise click.ClickException(str(e)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option in a range that also refuses nan and inf (FloatRange lets them pass)."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def echo_stdout(text: str) -> None:

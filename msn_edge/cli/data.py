@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from msn_edge.cli import main
-from msn_edge.cli.common import user_errors
+from msn_edge.cli.common import FiniteFloat, user_errors
 from msn_edge.runtime.errors import MsnEdgeError
 from msn_edge.synth import KINDS
 
@@ -46,7 +46,7 @@ from msn_edge.synth import KINDS
     "--seconds",
     default=10.0,
     show_default=True,
-    type=click.FloatRange(min=1.0),
+    type=FiniteFloat(min=1.0, max=3600.0),
     help="Clip length.",
 )
 @user_errors
@@ -155,13 +155,17 @@ def datasets_command(
 @click.option(
     "--normal",
     "normal_s",
-    type=(float, float),
+    type=(FiniteFloat(min=0, max=86400), FiniteFloat(min=0, max=86400)),
     default=(60.0, 60.0),
     show_default=True,
     help="Seconds of normal running before and after the fault.",
 )
 @click.option(
-    "--fault-seconds", default=60.0, show_default=True, help="Length of the faulty stretch."
+    "--fault-seconds",
+    default=60.0,
+    show_default=True,
+    type=FiniteFloat(min=0, max=86400),
+    help="Length of the faulty stretch.",
 )
 @click.option("--fault", default=None, help="Fault name [default: the kind's first].")
 @user_errors

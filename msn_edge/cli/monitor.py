@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from msn_edge.cli import main
-from msn_edge.cli.common import setup_logging, user_errors
+from msn_edge.cli.common import FiniteFloat, setup_logging, user_errors
 from msn_edge.runtime.capture import CAPTURES, list_input_devices, open_device
 from msn_edge.runtime.detector import Detector
 from msn_edge.runtime.engines import BACKENDS, PRECISIONS
@@ -66,7 +66,7 @@ def _stop_on_signals(source: Source) -> Iterator[None]:
 @click.option(
     "--hop",
     "hop_s",
-    type=float,
+    type=FiniteFloat(min=0, min_open=True),
     metavar="SECONDS",
     help="Time between window starts [default: the window; shorter overlaps].",
 )
@@ -88,7 +88,7 @@ def _stop_on_signals(source: Source) -> Iterator[None]:
 )
 @click.option(
     "--duration",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(min=0, min_open=True),
     metavar="SECONDS",
     help="Stop after this much audio.",
 )
@@ -107,7 +107,11 @@ def _stop_on_signals(source: Source) -> Iterator[None]:
     help="Model precision: int8 needs a bundle with an int8 model, fp16 a TensorRT backend.",
 )
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for inference.")
-@click.option("--threshold", type=float, help="Override the bundle's decision threshold.")
+@click.option(
+    "--threshold",
+    type=FiniteFloat(min=0, max=2),
+    help="Override the bundle's decision threshold (a cosine distance, 0 to 2).",
+)
 @click.option("--group", help="Scoring group (machine type/ID) when the bundle has several.")
 @click.option(
     "--capture",
