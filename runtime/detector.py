@@ -15,7 +15,7 @@ import numpy as np
 from msn_edge.runtime.audio import unjudgeable
 from msn_edge.runtime.bundle import Bundle, read_bundle
 from msn_edge.runtime.engines import Engine, make_engine
-from msn_edge.runtime.errors import AudioError, BackendError
+from msn_edge.runtime.errors import AudioError, BackendError, BundleError
 from msn_edge.runtime.filescore import FileResult, file_windows, judge_file
 from msn_edge.runtime.frontend import features
 from msn_edge.runtime.scorer import Scorer
@@ -37,6 +37,25 @@ class Scored:
         return "anomalous" if self.anomalous else "normal"
 
 
+def check_model_fits(bundle: Bundle, engine: Engine) -> None:
+    """The front-end's feature shapes match the model's fixed input sizes (where it
+    declares them), so a wrong window length is one clear error at start, not ONNX
+    Runtime's message at the first window."""
+    shapes = getattr(engine, "input_shapes", None)
+    if shapes is None:
+        return
+    fe = bundle.frontend
+    want = ([fe.n_freq, fe.n_frames], [fe.spectrum_bins])
+    for name, declared, expected in zip(("spectrogram", "spectrum"), shapes, want, strict=True):
+        for got, need in zip(declared[1:], expected, strict=False):
+            if isinstance(got, int) and got != need:
+                raise BundleError(
+                    f"{bundle.path}: the model takes a {name} of shape {declared[1:]}, the "
+                    f"manifest's front-end (window {fe.window_s:g} s) gives {expected}; "
+                    "the bundle is inconsistent: re-export it"
+                )
+
+
 class Detector:
     """Scores windows of exactly `frontend.window_samples` samples for one scoring group."""
 
@@ -53,6 +72,8 @@ class Detector:
         self.frontend = bundle.frontend
         self.group = bundle.group(group)
         self.threshold = self.group.threshold if threshold is None else float(threshold)
+        if not math.isfinite(self.threshold):
+            raise BundleError(f"threshold must be a finite number, got {self.threshold}")
         self.scorer = Scorer(bundle.prototypes[self.group.start : self.group.stop], self.threshold)
 
     @property
@@ -84,7 +105,12 @@ class Detector:
         engine = make_engine(
             bundle, backend, precision=precision, threads=threads, cache_dir=cache_dir
         )
-        return cls(bundle, engine, group=group, threshold=threshold)
+        try:
+            check_model_fits(bundle, engine)
+            return cls(bundle, engine, group=group, threshold=threshold)
+        except BaseException:
+            engine.close()
+            raise
 
     def score(self, window: np.ndarray) -> Scored:
         """One window (L,) of float audio in [-1, 1)."""

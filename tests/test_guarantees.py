@@ -437,3 +437,13 @@ def test_unjudgeable_policy():
     assert unjudgeable(np.full(10, 1e-4, np.float32)) is None  # quiet, judged, flagged silent
     assert unjudgeable(np.array([0.1, np.nan], np.float32)).startswith("non-finite samples")
     assert unjudgeable(np.ones(10, np.float32)) is None  # clipped: judged, flagged clipped
+
+
+def test_manifest_window_that_does_not_fit_the_model_fails_at_open(toy, tmp_path):
+    from msn_edge.runtime.detector import Detector
+
+    forged = _forged(toy, tmp_path, lambda m: m["frontend"].update(window_s=1.8))
+    with pytest.raises(
+        BundleError, match=r"the model takes a spectrogram of shape .*window 1\.8 s"
+    ):
+        Detector.open(forged)
