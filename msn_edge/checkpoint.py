@@ -13,6 +13,7 @@ every epoch's weights (without the optimizer, which would triple their size).
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,11 @@ def read_checkpoint(run_or_path: str | Path, map_location: str = "cpu") -> dict:
         path = path / CHECKPOINT_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint there (train writes RUN/{CHECKPOINT_FILE})")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path}: not a readable msn-edge checkpoint (not a torch zip file; train writes "
+            f"RUN/{CHECKPOINT_FILE}, export writes a .msn bundle)"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe files

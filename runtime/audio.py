@@ -69,7 +69,9 @@ def _no_such(path: Path) -> AudioError:
     if path.is_dir():
         return AudioError(f"{path}: is a directory, expected an audio file")
     if path.exists():
-        return AudioError(f"{path}: not a regular file (a pipe or device is read as a stream)")
+        return AudioError(
+            f"{path}: not a regular file (`monitor --input` reads pipes and devices as streams)"
+        )
     return AudioError(f"{path}: no such file")
 
 
@@ -99,7 +101,7 @@ def _wav_shortfall(path: Path) -> tuple[int, int] | None:
     return None
 
 
-def _convert_hint(what: str, flag: str | None, sample_rate: int) -> str:
+def _convert_hint(flag: str | None, sample_rate: int) -> str:
     if flag:
         return f"pass {flag} to convert it"
     return f"convert it, e.g. `sox IN -r {sample_rate} -c 1 OUT.wav`"
@@ -135,7 +137,7 @@ class AudioFile:
         self._read = 0
         if self.channels != 1 and not downmix:
             self._file.close()
-            hint = _convert_hint("channels", "--downmix" if flags else None, expect_rate or 16000)
+            hint = _convert_hint("--downmix" if flags else None, expect_rate or 16000)
             raise AudioError(f"{self.path}: {self.channels} channels, expected mono ({hint})")
 
     def read(self, n: int) -> np.ndarray:
@@ -179,7 +181,7 @@ def read_audio(
     """
     with AudioFile(path, downmix=downmix, flags=flags, expect_rate=sample_rate) as f:
         if f.rate != sample_rate and not resample:
-            hint = _convert_hint("rate", "--resample" if flags else None, sample_rate)
+            hint = _convert_hint("--resample" if flags else None, sample_rate)
             raise AudioError(
                 f"{f.path}: sample rate {f.rate} Hz, expected {sample_rate} Hz ({hint})"
             )

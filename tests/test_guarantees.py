@@ -447,3 +447,37 @@ def test_manifest_window_that_does_not_fit_the_model_fails_at_open(toy, tmp_path
         BundleError, match=r"the model takes a spectrogram of shape .*window 1\.8 s"
     ):
         Detector.open(forged)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_tampered_checkpoint_error_never_suggests_weights_only_false(tmp_path):
+    torch = pytest.importorskip("torch")
+    from msn_edge.checkpoint import CheckpointError, read_checkpoint
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": 1, "x": _Evil()}, path)
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(path)
+    assert "weights_only" not in str(err.value)
+    assert "objects other than tensors and plain values" in str(err.value)
+
+
+def test_export_refuses_to_overwrite_the_checkpoint_or_other_files(tmp_path):
+    from msn_edge.export.pack import refuse_overwrite
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"PK weights")
+    with pytest.raises(MsnEdgeError, match="is the run's checkpoint"):
+        refuse_overwrite(run, run / "checkpoint.pt")
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(MsnEdgeError, match="exists and is not a bundle; refusing to overwrite"):
+        refuse_overwrite(run, tmp_path / "notes.txt")
+    refuse_overwrite(run, tmp_path / "new.msn")  # a new file is fine
+    code, _, err = cli("export", str(run), "-o", str(run / "checkpoint.pt"))
+    assert code == 1 and "is the run's checkpoint" in err
+    assert (run / "checkpoint.pt").read_bytes() == b"PK weights"

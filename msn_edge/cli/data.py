@@ -103,10 +103,15 @@ def synth_command(
 @click.option(
     "--check",
     is_flag=True,
-    help="Also decode every clip: reports unreadable files, wrong rates, non-mono audio.",
+    help="Also decode every clip: reports unreadable or truncated files, wrong rates, "
+    "non-mono audio, NaN/inf samples.",
 )
 @click.option(
-    "--sample-rate", default=16_000, show_default=True, help="Rate --check expects, in Hz."
+    "--sample-rate",
+    default=16_000,
+    show_default=True,
+    type=click.IntRange(1_000, 384_000),
+    help="Rate --check expects, in Hz.",
 )
 @click.pass_context
 @user_errors

@@ -70,8 +70,11 @@ def is_bundle(path: Path) -> bool:
         return True
     if not (path.is_file() and zipfile.is_zipfile(path)):
         return False
-    with zipfile.ZipFile(path) as z:
-        return "manifest.json" in z.namelist()
+    try:
+        with zipfile.ZipFile(path) as z:
+            return "manifest.json" in z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False  # read_checkpoint / read_bundle then say what is wrong
 
 
 @main.command("score")
