@@ -357,14 +357,33 @@ def test_member_over_size_limit(good, monkeypatch):
 
 
 def test_member_understating_its_size_is_refused(good):
-    """A central directory that lies about a member's size cannot smuggle in more bytes."""
-    _rezip(good, {**_members(good), "model.onnx": b"\0" * (3 << 20)})  # a small zip bomb
+    """A zip whose sizes lie cannot smuggle in more bytes: the archive's size must match
+    the manifest's (checked before inflating), and inflating stops at the declared size."""
+    base = _members(good)
+    _rezip(good, {**base, "model.onnx": b"\0" * (3 << 20)})  # a small zip bomb
     raw = bytearray(good.read_bytes())
     entry = raw.find(b"PK\x01\x02")  # central directory records: find model.onnx's
     while raw[entry + 46 : entry + 56] != b"model.onnx":
         entry = raw.find(b"PK\x01\x02", entry + 4)
         assert entry >= 0
     struct.pack_into("<I", raw, entry + 24, 1000)  # uncompressed size: "1000 bytes"
+    good.write_bytes(bytes(raw))
+    with pytest.raises(
+        BundleError, match=r"member 'model\.onnx' is 1000 bytes in the archive, 16 in the manifest"
+    ):
+        read_bundle(good)
+
+    def claim_1000(m):
+        m["members"]["model.onnx"]["bytes"] = 1000
+
+    bomb = {**base, "model.onnx": b"\0" * (3 << 20)}
+    _rezip(good, _with_manifest(bomb, claim_1000))  # a forger who re-digests
+    raw = bytearray(good.read_bytes())
+    entry = raw.find(b"PK\x01\x02")
+    while raw[entry + 46 : entry + 56] != b"model.onnx":
+        entry = raw.find(b"PK\x01\x02", entry + 4)
+        assert entry >= 0
+    struct.pack_into("<I", raw, entry + 24, 1000)
     good.write_bytes(bytes(raw))
     with pytest.raises(BundleError, match=r"member 'model\.onnx' is corrupt \(Bad CRC-32"):
         read_bundle(good)
