@@ -116,7 +116,12 @@ class AudioFile:
     """
 
     def __init__(
-        self, path: str | Path, *, downmix: bool = False, flags: bool = False, expect_rate=None
+        self,
+        path: str | Path,
+        *,
+        downmix: bool = False,
+        flags: bool = False,
+        expect_rate: int | None = None,
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
