@@ -18,7 +18,7 @@ from msn_edge.runtime.bundle import Bundle, read_bundle
 from msn_edge.runtime.engines import Engine, make_engine
 from msn_edge.runtime.errors import AudioError, BackendError, BundleError
 from msn_edge.runtime.filescore import FileResult, file_windows, judge_file
-from msn_edge.runtime.frontend import features
+from msn_edge.runtime.frontend import check_length, features
 from msn_edge.runtime.scorer import Scorer
 
 
@@ -96,6 +96,7 @@ class SharedEngine:
         n = windows.shape[0]
         if len(scorers) != n:
             raise ValueError(f"{n} windows but {len(scorers)} scorers")
+        check_length(windows, self.frontend)  # a wrong length is an error, even if silent
         reasons = [unjudgeable(w) for w in windows]
         valid = [i for i, why in enumerate(reasons) if not why]
         t0 = time.perf_counter()
