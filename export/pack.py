@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import zipfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from msn_edge.checkpoint import LoadedRun, load_checkpoint
+from msn_edge.checkpoint import CHECKPOINT_FILE, LoadedRun, load_checkpoint
 from msn_edge.datasets import Clip, load_wave, scan
 from msn_edge.evaluate import run_dir_of
 from msn_edge.export.onnx_export import GraphStats, export_onnx, graph_stats
@@ -295,9 +296,35 @@ def _trained_on(run: LoadedRun) -> dict:
     }
 
 
+def refuse_overwrite(run_path: str | Path, out: str | Path) -> None:
+    """`-o` may replace a bundle, never the run's checkpoint or any other existing file."""
+    out = Path(out)
+    run = Path(run_path)
+    checkpoint = run / CHECKPOINT_FILE if run.is_dir() else run
+    if out.exists() and checkpoint.exists() and out.resolve() == checkpoint.resolve():
+        raise MsnEdgeError(
+            f"{out}: is the run's checkpoint; write the bundle elsewhere (-o fan.msn)"
+        )
+    if out.is_dir():
+        raise MsnEdgeError(f"{out}: is a directory; -o takes the bundle file to write")
+    if out.exists() and not _is_bundle_file(out):
+        raise MsnEdgeError(
+            f"{out}: exists and is not a bundle; refusing to overwrite it (remove it first)"
+        )
+
+
+def _is_bundle_file(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return "manifest.json" in zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def export_bundle(run_path: str | Path, out: str | Path, options: ExportOptions) -> ExportReport:
     """Export the run at `run_path` to the bundle `out`; nothing is written if a check fails."""
     options.validate()
+    refuse_overwrite(run_path, out)
     started = time.perf_counter()
     out = Path(out)
     if not out.parent.is_dir():

@@ -13,6 +13,7 @@ every epoch's weights (without the optimizer, which would triple their size).
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,10 +70,15 @@ def read_checkpoint(run_or_path: str | Path, map_location: str = "cpu") -> dict:
         path = path / CHECKPOINT_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint there (train writes RUN/{CHECKPOINT_FILE})")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path}: not a readable msn-edge checkpoint (not a torch zip file; train writes "
+            f"RUN/{CHECKPOINT_FILE}, export writes a .msn bundle)"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe files
-        raise CheckpointError(f"{path}: not a readable msn-edge checkpoint ({e})") from None
+        raise CheckpointError(f"{path}: not a readable msn-edge checkpoint ({_why(e)})") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path}: not an msn-edge checkpoint (keys missing)")
     if state["format"] != CHECKPOINT_FORMAT:
@@ -80,6 +86,16 @@ def read_checkpoint(run_or_path: str | Path, map_location: str = "cpu") -> dict:
             f"{path}: checkpoint format {state['format']}, this msn-edge reads {CHECKPOINT_FORMAT}"
         )
     return state
+
+
+def _why(e: Exception) -> str:
+    """torch's reason, without its advice to load with weights_only=False (which would let
+    the file run code): a checkpoint is only ever loaded as tensors and plain values."""
+    text = str(e)
+    if "weights_only" in text or "npickl" in text:
+        return "it holds objects other than tensors and plain values, which are never loaded"
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return first[:200]
 
 
 def load_checkpoint(run_or_path: str | Path, map_location: str = "cpu") -> LoadedRun:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msn_edge.runtime.audio import read_audio
+from msn_edge.runtime.audio import read_clip
 from msn_edge.runtime.errors import DatasetError
 from msn_edge.runtime.frontend import FrontendConfig
 
@@ -136,9 +136,13 @@ def scan(root: str | Path, split: str | None = None) -> list[Clip]:
 
 
 def load_wave(clip_or_path: Clip | str | Path, frontend: FrontendConfig) -> np.ndarray:
-    """A clip as float32 mono at the front-end's rate; AudioError naming the file if not."""
+    """A clip as float32 mono at the front-end's rate; AudioError naming the file if not.
+
+    Non-finite samples are an error here (runtime.audio.read_clip): one NaN clip would
+    poison training, thresholds and metrics.
+    """
     path = clip_or_path.path if isinstance(clip_or_path, Clip) else clip_or_path
-    return read_audio(path, frontend.sample_rate)
+    return read_clip(path, frontend.sample_rate)
 
 
 def describe(clips: Sequence[Clip]) -> str:

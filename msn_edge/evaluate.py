@@ -30,9 +30,9 @@ from msn_edge.prototypes import (
     load_scoring,
     score_clips,
 )
-from msn_edge.runtime.audio import read_audio
 from msn_edge.runtime.bundle import ScoringGroup
 from msn_edge.runtime.errors import DatasetError
+from msn_edge.runtime.filescore import FileResult, file_windows, judge_file
 from msn_edge.runtime.scorer import anomaly_scores
 
 log = logging.getLogger(__name__)
@@ -298,14 +298,6 @@ def plot_roc(results: Results, path: Path) -> Path:
     return path
 
 
-@dataclass
-class FileScore:
-    score: float
-    anomalous: bool
-    threshold: float
-    group: str
-
-
 class RunScorer:
     """Scores single audio files with a run's checkpoint and prototypes (torch).
 
@@ -333,10 +325,23 @@ class RunScorer:
 
     def score_file(
         self, path: str | Path, *, downmix: bool = False, resample: bool = False
-    ) -> FileScore:
-        """A whole clip, tiled or truncated to one window from its start (as evaluation)."""
+    ) -> FileResult:
+        """A whole file, every window of it, as the bundle's Detector (runtime.filescore)."""
         fe = self.run.config.frontend
-        wave = read_audio(path, fe.sample_rate, downmix=downmix, resample=resample)
-        emb = embed_clips(self.run.model, [wave], fe, device=self.device)
-        score = float(anomaly_scores(emb, self.scoring.prototypes_of(self.group.name))[0])
-        return FileScore(score, score > self.group.threshold, self.group.threshold, self.group.name)
+        frames, windows = file_windows(
+            path,
+            fe.sample_rate,
+            fe.window_samples,
+            downmix=downmix,
+            resample=resample,
+            flags=True,
+        )
+        prototypes = self.scoring.prototypes_of(self.group.name)
+
+        def score_batch(batch: np.ndarray) -> list[float]:
+            emb = embed_clips(self.run.model, list(batch), fe, device=self.device)
+            return [float(s) for s in anomaly_scores(emb, prototypes)]
+
+        return judge_file(
+            windows, frames, fe.sample_rate, fe.window_samples, self.group.threshold, score_batch
+        )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -491,6 +492,11 @@ class _Run:
             dist.all_reduce(total)
             dist.all_reduce(count)
         mean = (total / count).item()
+        if not math.isfinite(mean):  # before anything is saved: the last good epoch stays
+            raise MsnEdgeError(
+                f"{desc}: the loss is {mean}; stopped (check the data with "
+                "`msn-edge datasets DATA --check`, or lower the learning rate)"
+            )
         seconds = time.perf_counter() - t0
         record = {
             "epoch": epoch + 1,

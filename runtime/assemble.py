@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 
 from msn_edge.runtime.bundle import read_bundle
-from msn_edge.runtime.detector import SharedEngine
+from msn_edge.runtime.detector import SharedEngine, check_model_fits
 from msn_edge.runtime.engines import make_engine
 from msn_edge.runtime.monitor import Input, Monitor, Observer, Stream, pumped
 from msn_edge.runtime.monitor_config import MonitorConfig, open_source
@@ -31,6 +31,7 @@ def open_engines(config: MonitorConfig, stack: contextlib.ExitStack) -> dict[tup
         bundle.group(spec.group)  # before a (slow) engine build
         engine = make_engine(bundle, spec.backend, precision=spec.precision, threads=spec.threads)
         stack.callback(engine.close)
+        check_model_fits(bundle, engine)  # a window the model cannot take: one clear error
         engines[key] = SharedEngine(bundle, engine)
         log.info("engine %s %s for %s", engine.name, spec.precision, spec.bundle)
     return engines

@@ -1,14 +1,17 @@
 """The bundle: one zip file that carries everything the edge needs to score a machine.
 
-Members: `manifest.json` (versions, front-end config, scoring groups, sha256 of every
-other member), `model.onnx` (fp32), optionally the int8 Q/DQ twins `model.int8.onnx`
-(int8 activations: the form TensorRT takes) and `model.int8-cpu.onnx` (uint8 activations:
-the form ONNX Runtime's CPU kernels run fast; see export/quantize.py), and
-`prototypes.npy` (float32 unit rows). Reading trusts nothing: the whole file is read
-once into memory (so what is verified is what is used), every member name, size and hash
-is checked, and nothing is ever written to disk. No member can execute code: the manifest
-is JSON and the prototypes are loaded with `allow_pickle=False`.
-"""
+Members: `manifest.json` (versions, front-end config, scoring groups, sha256 and size of
+every other member, and a digest of the manifest itself: see manifest.py), `model.onnx`
+(fp32), optionally the int8 Q/DQ twins `model.int8.onnx` (int8 activations: the form
+TensorRT takes) and `model.int8-cpu.onnx` (uint8 activations: the form ONNX Runtime's CPU
+kernels run fast; see export/quantize.py), and `prototypes.npy` (float32 unit rows).
+
+Reading trusts nothing: the file (at most MAX_BUNDLE_BYTES) is read once into memory, so
+what is verified is what is used; the manifest's digest and every field are checked; each
+member's declared size is checked against the manifest, its limit and a compression-ratio
+cap before it is inflated, then it is inflated block by block and hashed as it streams.
+Nothing is ever written to disk. No member can execute code: the manifest is JSON and the
+prototypes' .npy header is parsed and checked against its size before any allocation."""
 
 from __future__ import annotations
 
@@ -28,6 +31,13 @@ import numpy as np
 
 from msn_edge.runtime.errors import BundleError
 from msn_edge.runtime.frontend import FrontendConfig
+from msn_edge.runtime.manifest import (
+    DIGEST_KEY,
+    check_digest,
+    check_manifest,
+    manifest_digest,
+    parse_json,
+)
 from msn_edge.runtime.version import BUNDLE_FORMAT, READABLE_FORMATS, __version__
 
 MANIFEST = "manifest.json"
@@ -40,18 +50,21 @@ MODEL_MEMBERS = {
 }
 MiB = 1 << 20
 # Largest uncompressed size accepted per member: a guard against zip bombs and absurd
-# files, with wide headroom (the full MSN is ~42 MB fp32; 256 MiB holds 262 144
-# prototypes of 256 floats). ONNX protobufs cannot exceed 2 GiB anyway.
+# files, with wide headroom (the full MSN is ~42 MB fp32; 64 MiB holds 65 536 prototypes
+# of 256 floats). All are checked against the zip's declared sizes before inflating.
 MEMBER_LIMITS = {
     MANIFEST: 1 * MiB,
-    MODEL_MEMBERS["fp32"]: 1024 * MiB,
-    MODEL_MEMBERS["int8"]: 1024 * MiB,
-    MODEL_MEMBERS["int8-cpu"]: 1024 * MiB,
-    PROTOTYPES: 256 * MiB,
+    MODEL_MEMBERS["fp32"]: 256 * MiB,
+    MODEL_MEMBERS["int8"]: 256 * MiB,
+    MODEL_MEMBERS["int8-cpu"]: 256 * MiB,
+    PROTOTYPES: 64 * MiB,
 }
+MAX_BUNDLE_BYTES = 512 * MiB  # the file, and all members inflated together: an edge box has 4 GB
+MAX_RATIO = 100  # inflated / compressed per member; ONNX weights deflate ~1.1x, JSON ~5x
+RATIO_FLOOR = 1 * MiB  # smaller members may compress as they like: they are cheap anyway
+READ_BLOCK = 1 * MiB  # members are inflated and hashed block by block
 REQUIRED = (MANIFEST, MODEL_MEMBERS["fp32"], PROTOTYPES)
 UNIT_TOLERANCE = 1e-3  # |‖row‖ - 1| allowed for prototype rows (float32 round-off)
-_HEADER_SLACK = 1 * MiB  # zip headers and central directory on top of the members
 
 
 @dataclass(frozen=True)
@@ -169,11 +182,7 @@ def write_bundle(
     model_int8_onnx: bytes | None = None,
     model_int8_cpu_onnx: bytes | None = None,
 ) -> Path:
-    """Write a bundle atomically: a temporary file beside `path`, then a rename.
-
-    The inputs are validated with the reader's own checks, so an invalid bundle is never
-    written.
-    """
+    """Write a new bundle from a model, its prototypes and scoring groups (see pack_bundle)."""
     path = Path(path)
     _check_prototypes(prototypes, str(path))
     _check_groups(groups, prototypes.shape[0], str(path))
@@ -185,7 +194,6 @@ def write_bundle(
     if model_int8_cpu_onnx is not None:
         members[MODEL_MEMBERS["int8-cpu"]] = model_int8_cpu_onnx
     manifest = {
-        "format": BUNDLE_FORMAT,
         "msn_edge_version": __version__,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "frontend": frontend.to_dict(),
@@ -200,13 +208,37 @@ def write_bundle(
             for g in groups
         ],
         "default_group": groups[0].name,
-        "members": {
-            name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in members.items()
-        },
         "trained_on": trained_on,
         "metadata": metadata or {},
     }
-    manifest_bytes = json.dumps(manifest, indent=2, allow_nan=False).encode()
+    return pack_bundle(path, manifest, members)
+
+
+def pack_bundle(path: str | Path, manifest: dict, members: dict[str, bytes]) -> Path:
+    """Write a bundle from its manifest and members, atomically (temporary file, rename).
+
+    The one writer of bundle files (`write_bundle` and enrollment call it): it sets the
+    format, lists each member's sha256 and size and the manifest digest itself (values the
+    caller passes for these are replaced), then runs every check the reader runs on the
+    result, so an invalid bundle is never written. Other manifest fields pass through.
+    """
+    path = Path(path)
+    where = str(path)
+    if MANIFEST in members:
+        raise BundleError(f"{where}: pass the manifest as a dict, not as a member")
+    _check_names([MANIFEST, *members], where)
+    manifest = {k: v for k, v in manifest.items() if k != DIGEST_KEY}
+    manifest["format"] = BUNDLE_FORMAT
+    manifest["members"] = {
+        name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in members.items()
+    }
+    try:
+        manifest[DIGEST_KEY] = manifest_digest(manifest)
+        manifest_bytes = json.dumps(manifest, indent=2, allow_nan=False).encode()
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{where}: the manifest cannot be written as JSON ({e})") from None
+    _check_sizes({MANIFEST: len(manifest_bytes), **{n: len(d) for n, d in members.items()}}, where)
+    _decode(manifest, members, where)  # the reader's own checks, before anything is written
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -218,6 +250,8 @@ def write_bundle(
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise BundleError(f"{where}: cannot write the bundle ({e.strerror})") from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -261,30 +295,80 @@ def _check_names(names: list[str], where: str) -> None:
             raise BundleError(f"{where}: missing member '{name}'")
 
 
-def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> bytes:
-    limit = MEMBER_LIMITS[info.filename]
-    if info.file_size > limit:
+def _check_sizes(sizes: dict[str, int], where: str) -> None:
+    """Per-member limits and the total, on sizes as declared (nothing inflated yet)."""
+    for name, size in sizes.items():
+        limit = MEMBER_LIMITS[name]
+        if size > limit:
+            raise BundleError(
+                f"{where}: member '{name}' is {size} bytes, over the limit of {_size(limit)}"
+            )
+    total = sum(sizes.values())
+    if total > MAX_BUNDLE_BYTES:
         raise BundleError(
-            f"{where}: member '{info.filename}' is {info.file_size} bytes, over the "
-            f"limit of {_size(limit)}"
+            f"{where}: the members inflate to {total} bytes, over the bundle limit of "
+            f"{_size(MAX_BUNDLE_BYTES)}"
         )
+
+
+def _check_declared(infos: dict[str, zipfile.ZipInfo], manifest: dict, where: str) -> None:
+    """Before inflating: the zip's sizes agree with the manifest's, and ratios are sane."""
+    listed = manifest["members"]
+    for name in listed:
+        if name not in infos:
+            raise BundleError(f"{where}: missing member '{name}' (listed in the manifest)")
+    for name, info in infos.items():
+        if name == MANIFEST:
+            continue
+        if name not in listed:
+            raise BundleError(f"{where}: unexpected member '{name}' (not in the manifest)")
+        if info.file_size != listed[name]["bytes"]:
+            raise BundleError(
+                f"{where}: member '{name}' is {info.file_size} bytes in the archive, "
+                f"{listed[name]['bytes']} in the manifest (the bundle was modified or damaged)"
+            )
+        if info.file_size > RATIO_FLOOR and info.file_size > MAX_RATIO * info.compress_size:
+            ratio = info.file_size / max(info.compress_size, 1)
+            raise BundleError(
+                f"{where}: member '{name}' would inflate {ratio:.0f}x "
+                f"(more than {MAX_RATIO}x): refused as a decompression bomb"
+            )
+    _check_sizes({n: i.file_size for n, i in infos.items()}, where)
+
+
+def _read_member(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, sha256: str | None = None
+) -> bytes:
+    """Inflate one member block by block, never past its declared size; hash as it streams."""
+    size = info.file_size
+    if size > MEMBER_LIMITS[info.filename]:
+        _check_sizes({info.filename: size}, where)
+    digest = hashlib.sha256()
+    out = bytearray()
     try:
         with zf.open(info) as f:
-            data = f.read(limit + 1)  # bounded even if the header lies about the size
+            while len(out) <= size:
+                block = f.read(min(READ_BLOCK, size + 1 - len(out)))
+                if not block:
+                    break
+                digest.update(block)
+                out += block
     except (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, EOFError) as e:
         raise BundleError(f"{where}: member '{info.filename}' is corrupt ({e})") from None
-    if len(data) > limit:
-        raise BundleError(f"{where}: member '{info.filename}' is over the limit of {_size(limit)}")
-    return data
+    if len(out) != size:
+        raise BundleError(
+            f"{where}: member '{info.filename}' inflates to {len(out)} bytes, "
+            f"its header says {size}"
+        )
+    if sha256 is not None and digest.hexdigest() != sha256:
+        raise BundleError(
+            f"{where}: member '{info.filename}' does not match its sha256 in the manifest "
+            "(the bundle was modified or damaged after export)"
+        )
+    return bytes(out)
 
 
-def _parse_manifest(data: bytes, where: str) -> dict:
-    try:
-        manifest = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{where}: manifest.json is not valid JSON ({e})") from None
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{where}: manifest.json is not a JSON object")
+def _check_format(manifest: dict, where: str) -> None:
     fmt = manifest.get("format")
     if fmt is None:
         raise BundleError(
@@ -293,58 +377,100 @@ def _parse_manifest(data: bytes, where: str) -> dict:
         )
     if fmt not in READABLE_FORMATS:
         made_by = manifest.get("msn_edge_version", "an unknown version")
+        if not isinstance(made_by, str):
+            made_by = "an unknown version"
         readable = " and ".join(str(f) for f in READABLE_FORMATS)
-        raise BundleError(
-            f"{where}: bundle format {fmt} (written by msn-edge {made_by}); this msn-edge "
-            f"{__version__} reads bundle formats {readable}: re-export the model or "
-            "install the matching msn-edge"
+        why = (
+            " (older formats carry no manifest digest, so their thresholds could be edited "
+            "unnoticed)"
+            if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt < min(READABLE_FORMATS)
+            else ""
         )
-    return manifest
+        raise BundleError(
+            f"{where}: bundle format {fmt!r:.20} (written by msn-edge {made_by:.40}); this "
+            f"msn-edge {__version__} reads bundle format {readable}{why}: re-export the model "
+            "with `msn-edge export`, or install the matching msn-edge"
+        )
 
 
-def _verify_hashes(members: dict[str, bytes], manifest: dict, where: str) -> None:
-    listed = manifest.get("members")
-    if not isinstance(listed, dict):
-        raise BundleError(f"{where}: manifest.json has no member hashes")
-    for name in listed:
-        if name not in members:
-            raise BundleError(f"{where}: missing member '{name}' (listed in the manifest)")
-    for name, data in members.items():
-        if name not in listed:
-            raise BundleError(f"{where}: unexpected member '{name}' (not in the manifest)")
-        entry = listed[name]
-        if not isinstance(entry, dict) or _sha256(data) != entry.get("sha256"):
-            raise BundleError(
-                f"{where}: member '{name}' does not match its sha256 in the manifest "
-                "(the bundle was modified or damaged after export)"
-            )
-
-
-def _parse_groups(manifest: dict, where: str) -> list[ScoringGroup]:
+def _load_prototypes(data: bytes, where: str) -> np.ndarray:
+    """A float32 (P, D) .npy, its header checked against its size before any allocation."""
+    f = io.BytesIO(data)
     try:
-        groups = [
-            ScoringGroup(
-                name=g["name"],
-                start=int(g["start"]),
-                stop=int(g["stop"]),
-                threshold=float(g["threshold"]),
-                calibration=dict(g.get("calibration", {})),
-            )
-            for g in manifest["groups"]
-        ]
-    except (KeyError, TypeError, ValueError) as e:
-        raise BundleError(f"{where}: manifest.json has malformed scoring groups ({e!r})") from None
-    return groups
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"npy version {version}")
+    except (ValueError, EOFError, OSError, SyntaxError) as e:
+        raise BundleError(f"{where}: prototypes.npy is not a plain numpy array ({e})") from None
+    if dtype.hasobject:
+        raise BundleError(f"{where}: prototypes.npy is not a plain numpy array (object dtype)")
+    if dtype != np.dtype("<f4") or len(shape) != 2 or fortran:
+        raise BundleError(
+            f"{where}: prototypes must be a non-empty float32 (P, D) array, got {dtype} {shape}"
+        )
+    body = len(data) - f.tell()
+    if shape[0] * shape[1] * 4 != body:
+        raise BundleError(
+            f"{where}: prototypes.npy claims shape {shape} but holds {body} bytes of data"
+        )
+    return np.frombuffer(data, dtype="<f4", offset=f.tell()).reshape(shape).copy()
+
+
+def _decode(manifest: dict, members: dict[str, bytes], where: str) -> Bundle:
+    """Checked manifest and verified members -> Bundle (the reader and the writer share it)."""
+    check_manifest(manifest, where)
+    prototypes = _load_prototypes(members[PROTOTYPES], where)
+    _check_prototypes(prototypes, where)
+    if manifest["embedding_dim"] != prototypes.shape[1]:
+        raise BundleError(
+            f"{where}: manifest embedding size {manifest['embedding_dim']} does not match "
+            f"the prototypes ({prototypes.shape[1]})"
+        )
+    groups = [
+        ScoringGroup(
+            name=g["name"],
+            start=g["start"],
+            stop=g["stop"],
+            threshold=float(g["threshold"]),
+            calibration=dict(g.get("calibration", {})),
+        )
+        for g in manifest["groups"]
+    ]
+    _check_groups(groups, prototypes.shape[0], where)
+    frontend = FrontendConfig.from_dict(manifest["frontend"])
+    models = {p: members[m] for p, m in MODEL_MEMBERS.items() if m in members}
+    return Bundle(
+        path=Path(where),
+        manifest=manifest,
+        frontend=frontend,
+        prototypes=prototypes,
+        groups=groups,
+        _models=models,
+    )
 
 
 def read_bundle(path: str | Path) -> Bundle:
-    """Open and verify a bundle; every problem is a BundleError naming the file."""
+    """Open and verify a bundle; every problem is a BundleError naming the file.
+
+    Order: file size cap; member names; the manifest (1 MiB at most) parsed, its format,
+    digest and every field checked; each member's declared size against the manifest,
+    the limits and a compression-ratio cap; only then are members inflated, block by
+    block, hashed as they stream.
+    """
     path = Path(path)
     where = str(path)
     try:
+        if not path.is_file() and path.exists() and not path.is_dir():
+            raise BundleError(f"{where}: not a regular file, expected a bundle file (.msn)")
         size = path.stat().st_size
-        if size > sum(MEMBER_LIMITS.values()) + _HEADER_SLACK:
-            raise BundleError(f"{where}: {size} bytes is larger than any bundle can be")
+        if size > MAX_BUNDLE_BYTES:
+            raise BundleError(
+                f"{where}: {size} bytes, over the bundle limit of {_size(MAX_BUNDLE_BYTES)}"
+            )
         raw = path.read_bytes()
     except FileNotFoundError:
         raise BundleError(f"{where}: no such bundle file") from None
@@ -354,44 +480,24 @@ def read_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"{where}: cannot read the bundle ({e.strerror})") from None
     try:
         zf = zipfile.ZipFile(io.BytesIO(raw))
-    except zipfile.BadZipFile:
+    except (zipfile.BadZipFile, ValueError, EOFError):
         raise BundleError(
             f"{where}: not an msn-edge bundle (not a zip archive, or the file is truncated)"
         ) from None
     with zf:
         infos = _check_members(zf.infolist(), where)
-        manifest = _parse_manifest(_read_member(zf, infos[MANIFEST], where), where)
+        manifest = parse_json(_read_member(zf, infos[MANIFEST], where), where)
+        _check_format(manifest, where)
+        check_digest(manifest, where)
+        check_manifest(manifest, where)
         _check_names(list(infos), where)
-        members = {n: _read_member(zf, i, where) for n, i in infos.items() if n != MANIFEST}
-    _verify_hashes(members, manifest, where)
-
-    try:
-        prototypes = np.load(io.BytesIO(members[PROTOTYPES]), allow_pickle=False)
-    except (ValueError, EOFError, OSError) as e:
-        raise BundleError(f"{where}: prototypes.npy is not a plain numpy array ({e})") from None
-    _check_prototypes(prototypes, where)
-    if manifest.get("embedding_dim") != prototypes.shape[1]:
-        raise BundleError(
-            f"{where}: manifest embedding size {manifest.get('embedding_dim')} does not match "
-            f"the prototypes ({prototypes.shape[1]})"
-        )
-    groups = _parse_groups(manifest, where)
-    _check_groups(groups, prototypes.shape[0], where)
-    if manifest.get("default_group") not in {g.name for g in groups}:
-        raise BundleError(f"{where}: default group {manifest.get('default_group')!r} is not listed")
-    try:
-        frontend = FrontendConfig.from_dict(manifest["frontend"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise BundleError(
-            f"{where}: manifest.json has an unusable front-end config ({e})"
-        ) from None
-    models = {p: members[m] for p, m in MODEL_MEMBERS.items() if m in members}
-    return Bundle(
-        path=path,
-        manifest=manifest,
-        frontend=frontend,
-        prototypes=prototypes,
-        groups=groups,
-        _models=models,
-        _sha256=_sha256(raw),
-    )
+        _check_declared(infos, manifest, where)
+        listed = manifest["members"]
+        members = {
+            n: _read_member(zf, i, where, listed[n]["sha256"])
+            for n, i in infos.items()
+            if n != MANIFEST
+        }
+    bundle = _decode(manifest, members, where)
+    bundle._sha256 = _sha256(raw)
+    return bundle

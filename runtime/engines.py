@@ -138,6 +138,12 @@ class OrtEngine(Engine):
         self._output_name = self._session.get_outputs()[0].name
 
     @property
+    def input_shapes(self) -> tuple[list, list]:
+        """Declared shapes of (spectrogram, spectrum); a dynamic dimension is a string."""
+        shapes = {i.name: list(i.shape) for i in self._session.get_inputs()}
+        return shapes[self._spec_name], shapes[self._spectrum_name]
+
+    @property
     def providers(self) -> list[str]:
         """Execution providers the session really runs on, best first."""
         return self._session.get_providers()

@@ -6,12 +6,13 @@ position becomes a UTC time (ISO 8601) and where field names get their units.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import sys
 from collections import deque
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol, TextIO
@@ -19,12 +20,13 @@ from typing import Protocol, TextIO
 import numpy as np
 
 from msn_edge.runtime.alarm import AlarmChange
+from msn_edge.runtime.audio import Level, level
 from msn_edge.runtime.errors import MsnEdgeError
+from msn_edge.runtime.frontend import pcm_to_float
 from msn_edge.runtime.windower import Window
 
-FULL_SCALE = 32768.0  # int16
-SILENT_DBFS = -70.0  # a working microphone's noise floor is above this; a dead one is not
-CLIP_FRACTION = 0.001  # more than 0.1 % of samples at full scale: the gain is too high
+log = logging.getLogger(__name__)
+
 DIGITS_S = 3  # event times in ms resolution
 DIGITS_MS = 2
 
@@ -37,22 +39,18 @@ class ScoredLike(Protocol):
     threshold: float
     frontend_ms: float
     inference_ms: float
+    invalid: str | None  # why no verdict could be given (runtime.audio.unjudgeable)
 
 
-@dataclass(frozen=True)
-class InputLevel:
-    peak_dbfs: float  # floored at one LSB (-90.3 dBFS): digital silence included
-    silent: bool
-    clipped: bool
+InputLevel = Level  # the health levels, defined with the audio policy in runtime.audio
 
 
-def input_level(samples: np.ndarray) -> InputLevel:
-    """Whether an int16 window is silent (dead or muted input) or clipped (gain too high)."""
-    mag = np.abs(samples.astype(np.int32))
-    peak = int(mag.max()) if mag.size else 0
-    peak_dbfs = 20.0 * math.log10(max(peak, 1) / FULL_SCALE)
-    clipped = np.count_nonzero(mag >= FULL_SCALE - 1) > CLIP_FRACTION * mag.size
-    return InputLevel(round(peak_dbfs, 1), peak_dbfs < SILENT_DBFS, bool(clipped))
+def input_level(samples: np.ndarray) -> Level:
+    """Whether a window is silent (dead or muted input) or clipped (gain too high).
+
+    Integer PCM is scaled first, so int16 and float windows read the same.
+    """
+    return level(pcm_to_float(np.asarray(samples)))
 
 
 class StreamClock:
@@ -90,6 +88,13 @@ def iso_utc(utc_s: float) -> str:
     return stamp.replace("+00:00", "Z")
 
 
+def verdict_of(scored: ScoredLike) -> str:
+    """ "invalid" (no verdict possible), "anomalous" or "normal"."""
+    if getattr(scored, "invalid", None):
+        return "invalid"
+    return "anomalous" if scored.anomalous else "normal"
+
+
 def window_event(
     window: Window,
     scored: ScoredLike,
@@ -105,6 +110,7 @@ def window_event(
     """One window's line. Health fields count what happened since the previous window."""
     rate, start, end = clock.sample_rate, window.start, window.start + window.samples.size
     level = input_level(window.samples)
+    invalid = getattr(scored, "invalid", None)
     return {
         "event": "window",
         "stream": stream,
@@ -113,10 +119,12 @@ def window_event(
         "end": iso_utc(clock.utc_s(end)),
         "start_s": start / rate,  # exact: sample counts, not wall-clock readings
         "end_s": end / rate,
-        "score": float(scored.score),
+        # A window that could not be judged has no score and no verdict but "invalid".
+        "score": None if invalid else float(scored.score),
         "threshold": float(scored.threshold),
-        "anomalous": bool(scored.anomalous),
-        "verdict": "anomalous" if scored.anomalous else "normal",
+        "anomalous": None if invalid else bool(scored.anomalous),
+        "verdict": verdict_of(scored),
+        "invalid_reason": invalid,
         "latency_ms": round(scored.frontend_ms + scored.inference_ms, DIGITS_MS),
         "frontend_ms": round(scored.frontend_ms, DIGITS_MS),
         "inference_ms": round(scored.inference_ms, DIGITS_MS),
@@ -146,15 +154,47 @@ def alarm_event(change: AlarmChange, *, clock: StreamClock, end: int, stream: st
     }
 
 
+def _finite(value: object) -> object:
+    """JSON has no NaN or inf: a non-finite number becomes null, never invalid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def json_line(event: dict) -> str:
+    return json.dumps(_finite(event), allow_nan=False) + "\n"
+
+
+def silence_stdout() -> None:
+    """Point fd 1 at /dev/null after stdout failed, so that Python's exit flush is quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
 class EventSink:
     """Writes each event as one JSON line to a stream and, durably, to an events file.
 
     Each line in the file is flushed and fsynced before the next window is scored, so a
-    power cut loses at most the line being written.
+    power cut loses at most the line being written. The file is written first, and it
+    keeps going when the stream goes away: a closed stdout, a broken pipe (`| head -1`)
+    or a full disk under stdout is logged once and counted in `stream_failures`, and the
+    monitor carries on into the file. Without an events file nothing would keep the
+    events, so the same failure is an error (MsnEdgeError); so is any failure to write
+    the events file itself (e.g. ENOSPC), never a silent loss.
     """
 
     def __init__(self, stream: TextIO | None = None, events_file: str | Path | None = None):
         self._stream = sys.stdout if stream is None else stream
+        self._events_file = events_file
+        self.stream_failures = 0  # events the stream did not take (after it failed)
         self._file = None
         if events_file is not None:
             try:
@@ -165,14 +205,39 @@ class EventSink:
                 ) from None
 
     def __call__(self, event: dict) -> None:
-        line = json.dumps(event) + "\n"
-        self._stream.write(line)
-        self._stream.flush()
+        line = json_line(event)
         if self._file is not None:
-            self._file.write(line)
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            try:
+                self._file.write(line)
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            except OSError as e:
+                raise MsnEdgeError(
+                    f"{self._events_file}: cannot write the events file ({e.strerror}); "
+                    "stopped so that no event is lost unnoticed"
+                ) from None
+        if self._stream is None:
+            self.stream_failures += 1
+            return
+        try:
+            self._stream.write(line)
+            self._stream.flush()
+        except (OSError, ValueError) as e:  # ValueError: the stream was closed
+            why = getattr(e, "strerror", None) or str(e)
+            if self._stream is sys.stdout:
+                silence_stdout()
+            self._stream = None
+            self.stream_failures += 1
+            if self._file is None:
+                raise MsnEdgeError(
+                    f"cannot write events to stdout ({why}); stopped "
+                    "(use --events-file to keep events when stdout may go away)"
+                ) from None
+            log.warning("stdout failed (%s): events continue in %s only", why, self._events_file)
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):
+                self._file.close()
+        if self.stream_failures:
+            log.warning("%d events were not written to stdout", self.stream_failures)

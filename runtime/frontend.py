@@ -109,11 +109,16 @@ def utterance_spectrum(window: np.ndarray, cfg: FrontendConfig) -> np.ndarray:
     return mag.astype(np.float32)
 
 
-def features(window: np.ndarray, cfg: FrontendConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Both model inputs for one window (L,) or a batch (B, L) of exactly L samples."""
+def check_length(window: np.ndarray, cfg: FrontendConfig) -> None:
+    """A window (L,) or batch (B, L) has exactly the front-end's L samples."""
     if window.shape[-1] != cfg.window_samples:
         raise AudioError(
             f"window has {window.shape[-1]} samples, expected {cfg.window_samples} "
             f"({cfg.window_s:g} s at {cfg.sample_rate} Hz)"
         )
+
+
+def features(window: np.ndarray, cfg: FrontendConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Both model inputs for one window (L,) or a batch (B, L) of exactly L samples."""
+    check_length(window, cfg)
     return spectrogram(window, cfg), utterance_spectrum(window, cfg)

@@ -2,9 +2,10 @@
 
 msn_edge_windows_total{stream}             windows scored
 msn_edge_anomalous_windows_total{stream}   of those, anomalous
-msn_edge_score{stream}                     the latest window's score
+msn_edge_invalid_windows_total{stream}     of those, unjudgeable (NaN/inf, digital silence)
+msn_edge_score{stream}                     the latest window's score (NaN: invalid)
 msn_edge_threshold{stream}                 the threshold it was judged by
-msn_edge_anomalous{stream}                 the latest verdict (1 anomalous, 0 normal)
+msn_edge_anomalous{stream}                 the latest verdict (1 anomalous, 0 normal, NaN invalid)
 msn_edge_alarm_active{stream}              1 while an alarm is raised
 msn_edge_alarms_total{stream}              alarms raised
 msn_edge_last_window_timestamp_seconds{stream}  end of the latest window (UTC): alert on stalls
@@ -25,6 +26,7 @@ msn_edge_mqtt_connected                    1 while connected to the broker
 from __future__ import annotations
 
 import logging
+import math
 from datetime import datetime
 
 from msn_edge.runtime.errors import MsnEdgeError
@@ -80,6 +82,12 @@ class MetricsSink:
         self.windows = pc.Counter("msn_edge_windows", "Windows scored", by_stream, registry=r)
         self.anomalous_windows = pc.Counter(
             "msn_edge_anomalous_windows", "Windows judged anomalous", by_stream, registry=r
+        )
+        self.invalid_windows = pc.Counter(
+            "msn_edge_invalid_windows",
+            "Windows that could not be judged (verdict invalid)",
+            by_stream,
+            registry=r,
         )
         self.score = pc.Gauge("msn_edge_score", "Latest window's score", by_stream, registry=r)
         self.threshold = pc.Gauge(
@@ -177,11 +185,16 @@ class MetricsSink:
         stream = event.get("stream", "main")
         if event["event"] == "window":
             self.windows.labels(stream).inc()
-            if event["anomalous"]:
-                self.anomalous_windows.labels(stream).inc()
-            self.score.labels(stream).set(event["score"])
+            if event["verdict"] == "invalid":  # no score, no verdict: NaN, not a number
+                self.invalid_windows.labels(stream).inc()
+                self.score.labels(stream).set(math.nan)
+                self.anomalous.labels(stream).set(math.nan)
+            else:
+                if event["anomalous"]:
+                    self.anomalous_windows.labels(stream).inc()
+                self.score.labels(stream).set(event["score"])
+                self.anomalous.labels(stream).set(int(event["anomalous"]))
             self.threshold.labels(stream).set(event["threshold"])
-            self.anomalous.labels(stream).set(int(event["anomalous"]))
             self.alarm_active.labels(stream)  # the series exists from the first window
             end = datetime.fromisoformat(event["end"].replace("Z", "+00:00")).timestamp()
             self.last_window.labels(stream).set(end)

@@ -64,6 +64,7 @@ class Observer(Protocol):
 class Summary:
     windows: int = 0
     anomalous: int = 0
+    invalid: int = 0  # windows that could not be judged (verdict "invalid")
     alarms: int = 0
     alarm_active: bool = False  # an alarm was still raised when the monitor stopped
     overruns: int = 0
@@ -86,8 +87,10 @@ class Summary:
     def line(self) -> str:
         alarm = ", alarm still active" if self.alarm_active else ""
         return (
-            f"{self.windows} windows, {self.anomalous} anomalous, {self.alarms} alarms{alarm}, "
+            f"{self.windows} windows, {self.anomalous} anomalous, {self.invalid} invalid, "
+            f"{self.alarms} alarms{alarm}, "
             f"{self.overruns} overruns ({self.dropped_samples} samples dropped), "
+            f"{self.discarded_samples} samples in no window, "
             f"{self.reconnects} reconnects, mean latency {self.mean_latency_ms:.1f} ms, "
             f"real-time factor {self.real_time_factor:.4f} "
             f"({self.audio_s:.1f} s of audio in {self.wall_s:.1f} s)"
@@ -221,9 +224,11 @@ class Stream:
         self._reported, self._after_gap = stats, False
         s = self.summary
         s.windows += 1
-        s.anomalous += bool(scored.anomalous)
+        invalid = bool(getattr(scored, "invalid", None))
+        s.anomalous += bool(scored.anomalous) and not invalid
+        s.invalid += invalid
         s.processing_s += (scored.frontend_ms + scored.inference_ms) / 1000.0
-        if self.alarm is not None:
+        if self.alarm is not None and not invalid:  # no verdict: no vote, either way
             change = self.alarm.update(window.index, scored.anomalous, window.start)
             if change is not None:
                 end = window.start + self.windower.size
@@ -233,6 +238,13 @@ class Stream:
 
     def finish(self, wall_s: float) -> Summary:
         s = self.summary
+        if self.windower.pending:
+            log.warning(
+                "%s: the last %.3f s (%d samples) made no complete window and were not scored",
+                self.name,
+                self.windower.pending / self.sample_rate,
+                self.windower.pending,
+            )
         s.discarded_samples += self.windower.pending
         self.windower.reset()
         s.audio_s = self.windower.position / self.sample_rate

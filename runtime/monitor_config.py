@@ -34,6 +34,7 @@ The full reference is docs/operating.md.
 
 from __future__ import annotations
 
+import math
 import re
 import stat
 import sys
@@ -234,6 +235,8 @@ def _stream_settings(table: dict, where: str, base: Path) -> dict:
             value = (base / value) if not Path(value).is_absolute() else Path(value)
         elif key in ("threshold", "hop_s"):
             value = float(value)
+            if not math.isfinite(value):  # TOML has nan and inf
+                raise ConfigError(f"{where}: {key} must be a finite number, got {value}")
         out[key] = value
     return out
 

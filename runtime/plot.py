@@ -46,20 +46,26 @@ def read_events(path: str | Path) -> Timeline:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise MsnEdgeError(f"{path}: cannot read the events file ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise MsnEdgeError(f"{path}: not a monitor events file (not UTF-8 text)") from None
+    invalid_before = False
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             ev = json.loads(line)
             kind = ev["event"]
-            if kind == "window":
+            if kind == "window" and ev.get("verdict") == "invalid":
+                invalid_before = True  # no score to draw: the line breaks there
+            elif kind == "window":
                 tl.start.append(_utc(ev["start"]))
                 tl.end.append(_utc(ev["end"]))
                 tl.score.append(float(ev["score"]))
                 tl.threshold.append(float(ev["threshold"]))
                 tl.anomalous.append(bool(ev["anomalous"]))
-                if ev.get("after_gap"):
+                if ev.get("after_gap") or invalid_before:
                     tl.gaps.add(len(tl.score) - 1)
+                invalid_before = False
             elif kind == "alarm":
                 tl.alarms.append((_utc(ev["time"]), None))
             elif kind == "clear" and tl.alarms and tl.alarms[-1][1] is None:

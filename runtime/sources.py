@@ -1,9 +1,10 @@
 """Audio sources for the monitor: a file, raw PCM on stdin, or a live capture.
 
-Every source hands out int16 mono chunks at the bundle's sample rate and counts what it
-loses. Files and stdin are read when the monitor asks (at its pace, so nothing can be
-lost). A live capture (a device, see capture.py, or a paced file) runs in its own thread
-into a bounded queue, so a slow window never stalls the device; when the queue is full
+Every source hands out mono chunks at the bundle's sample rate (int16 from a device or
+s16le stream, float32 from a file or a wider stream) and counts what it loses. Files
+and stdin are read when the monitor asks (at its pace, so nothing can be lost). A live
+capture (a device, see capture.py, or a paced file) runs in its own thread into a bounded
+queue, so a slow window never stalls the device; when the queue is full
 the newest audio is dropped and counted, never hidden, and the next chunk says that the
 stream was broken before it.
 """
@@ -12,7 +13,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
+import stat
+import struct
 import sys
 import threading
 import time
@@ -22,8 +26,8 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 import numpy as np
-import soundfile as sf
 
+from msn_edge.runtime.audio import AudioFile
 from msn_edge.runtime.errors import AudioError, DeviceError
 
 log = logging.getLogger(__name__)
@@ -36,7 +40,7 @@ CLOSE_S = 3.0  # how long close() waits for a capture thread stuck in a blocking
 
 @dataclass(frozen=True)
 class Chunk:
-    samples: np.ndarray  # int16 (n,)
+    samples: np.ndarray  # int16 (n,) from a device or raw PCM, float32 from a file
     resumed: bool = False  # audio was lost just before this chunk: windows restart here
 
 
@@ -48,7 +52,7 @@ class SourceStats:
 
 
 class Source:
-    """A stream of int16 chunks; `read()` returns None at its end or after `stop()`."""
+    """A stream of mono chunks; `read()` returns None at its end or after `stop()`."""
 
     channels = 1  # a multi-channel source gives chunks of (n, channels) frames
 
@@ -86,19 +90,18 @@ def chunk_samples(sample_rate: int) -> int:
 
 
 class FileSource(Source):
-    """A WAV/FLAC file, read block by block (a day-long recording never sits in memory)."""
+    """A WAV/FLAC file, read block by block (a day-long recording never sits in memory).
+
+    Read by runtime.audio, the reader training and `score` use, so float, 24-bit and
+    32-bit files give the same samples here as there (float32 chunks).
+    """
 
     def __init__(self, path: str | Path, sample_rate: int) -> None:
         path = Path(path)
         super().__init__(str(path), sample_rate)
-        if not path.is_file():
-            raise AudioError(f"{path}: no such file")
-        try:
-            self._file = sf.SoundFile(str(path))
-        except (sf.SoundFileError, RuntimeError) as e:
-            raise AudioError(f"{path}: not readable audio ({e})") from None
-        if self._file.samplerate != sample_rate or self._file.channels != 1:
-            got = f"{self._file.samplerate} Hz, {self._file.channels} channel(s)"
+        self._file = AudioFile(path, expect_rate=sample_rate)
+        if self._file.rate != sample_rate:
+            got = f"{self._file.rate} Hz, {self._file.channels} channel(s)"
             self._file.close()
             raise AudioError(
                 f"{path}: {got}; the bundle needs {sample_rate} Hz mono "
@@ -109,35 +112,143 @@ class FileSource(Source):
     def read(self) -> Chunk | None:
         if self._stopping:
             return None
-        data = self._file.read(self._chunk, dtype="int16")
+        data = self._file.read(self._chunk)
         return Chunk(data) if data.size else None
 
     def close(self) -> None:
         self._file.close()
 
 
-class RawPcmSource(Source):
-    """Raw s16le mono from a byte stream, e.g. `arecord -t raw -f S16_LE -r 16000 -c 1 |`."""
+@dataclass(frozen=True)
+class PcmFormat:
+    """How frames on a byte stream are laid out (mono)."""
 
-    def __init__(self, stream: BinaryIO, sample_rate: int, name: str = "stdin") -> None:
+    width: int  # bytes per sample
+    kind: str  # "int" or "float"
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """int16 stays int16 (scaled later, like a device's); wider PCM becomes float32."""
+        if self.kind == "float":
+            return np.frombuffer(data, dtype="<f4").astype(np.float32)
+        if self.width == 2:
+            return np.frombuffer(data, dtype="<i2").astype(np.int16)
+        if self.width == 3:  # 24-bit: place the three bytes high in an int32
+            b = np.frombuffer(data, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
+            ints = (b[:, 0] << 8) | (b[:, 1] << 16) | (b[:, 2] << 24)
+            return (ints.astype(np.float64) / 2147483648.0).astype(np.float32)
+        ints = np.frombuffer(data, dtype="<i4")
+        return (ints.astype(np.float64) / 2147483648.0).astype(np.float32)
+
+
+S16LE = PcmFormat(2, "int")
+_WAV_FORMATS = {(1, 2): S16LE, (1, 3): PcmFormat(3, "int"), (1, 4): PcmFormat(4, "int")}
+_WAV_FORMATS[(3, 4)] = PcmFormat(4, "float")
+_MAX_HEADER = 1 << 20  # bytes of WAV chunks before `data` that a stream may carry
+
+
+def _read_exact(stream: BinaryIO, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        data = stream.read(n - len(out))
+        if not data:
+            break
+        out += data
+    return out
+
+
+def read_wav_header(stream: BinaryIO, name: str, head: bytes) -> tuple[PcmFormat, int, int | None]:
+    """Parse a WAV header from a stream whose first 12 bytes (`head`) said RIFF/WAVE.
+
+    Returns the sample format, the rate and the data size in bytes (None: unknown, as
+    streaming writers such as `sox ... -t wav -` leave it). Reads up to the data chunk.
+    """
+    fmt = None
+    skipped = 0
+    while True:
+        hdr = _read_exact(stream, 8)
+        if len(hdr) < 8:
+            raise AudioError(f"{name}: the WAV stream ends inside its header")
+        chunk, size = hdr[:4], struct.unpack("<I", hdr[4:])[0]
+        if chunk == b"data":
+            break
+        if size > _MAX_HEADER - skipped:
+            raise AudioError(f"{name}: WAV header chunk '{chunk!r}' of {size} bytes is too large")
+        body = _read_exact(stream, size + (size & 1))
+        skipped += len(body)
+        if chunk == b"fmt ":
+            if len(body) < 16:
+                raise AudioError(f"{name}: WAV 'fmt ' chunk is too short")
+            tag, channels, rate = struct.unpack("<HHI", body[:8])
+            bits = struct.unpack("<H", body[14:16])[0]
+            if tag == 0xFFFE and len(body) >= 26:  # WAVE_FORMAT_EXTENSIBLE: the real tag
+                tag = struct.unpack("<H", body[24:26])[0]
+            fmt = (tag, channels, rate, bits)
+    if fmt is None:
+        raise AudioError(f"{name}: WAV stream has no 'fmt ' chunk before its data")
+    tag, channels, rate, bits = fmt
+    pcm = _WAV_FORMATS.get((tag, bits // 8)) if bits % 8 == 0 else None
+    if pcm is None or channels != 1:
+        raise AudioError(
+            f"{name}: WAV stream of format {tag}, {bits}-bit, {channels} channel(s); "
+            "a stream must be mono 16/24/32-bit PCM or 32-bit float"
+        )
+    return pcm, rate, None if size in (0, 0xFFFFFFFF) else size
+
+
+class RawPcmSource(Source):
+    """Mono PCM from a byte stream: raw s16le (e.g. `arecord -t raw -f S16_LE -r 16000 -c 1 |`),
+    or a WAV stream, recognised by its RIFF header (e.g. `sox in.flac -t wav - |`).
+
+    A WAV header is parsed, never read as samples; its rate must be the bundle's.
+    """
+
+    def __init__(
+        self, stream: BinaryIO, sample_rate: int, name: str = "stdin", *, owns: bool = False
+    ) -> None:
         super().__init__(name, sample_rate)
         self._stream = stream
-        self._nbytes = 2 * chunk_samples(sample_rate)
-        self._carry = b""  # an odd byte waits for its partner in the next read
+        self._owns = owns
+        self._format = S16LE
+        self._left: int | None = None  # data bytes still to come (None: to the end)
+        self._carry = _read_exact(stream, 12)  # bytes that wait for the rest of a frame
+        if self._carry[:4] == b"RIFF" and self._carry[8:12] == b"WAVE":
+            self._format, rate, self._left = read_wav_header(stream, name, self._carry)
+            self._carry = b""
+            if rate != sample_rate:
+                raise AudioError(
+                    f"{name}: WAV stream at {rate} Hz; the bundle needs {sample_rate} Hz "
+                    f"(convert it, e.g. `sox IN -r {sample_rate} -c 1 -t wav -`)"
+                )
+        self._nbytes = self._format.width * chunk_samples(sample_rate)
 
     def read(self) -> Chunk | None:
+        width = self._format.width
         while not self._stopping:
-            data = self._stream.read(self._nbytes)
+            want = max(self._nbytes - len(self._carry), width)  # chunks stay CHUNK_S long
+            if self._left is not None:
+                want = min(want, self._left)
+            data = self._stream.read(want) if want else b""
             if not data:  # end of stream (a pipe may also return short reads before it)
                 if self._carry:
-                    log.warning("%s: ended with an odd byte (half a sample); ignored", self.name)
+                    log.warning(
+                        "%s: ended with %d byte(s) of an incomplete sample; ignored",
+                        self.name,
+                        len(self._carry),
+                    )
+                    self._carry = b""
                 return None
+            if self._left is not None:
+                self._left -= len(data)
             data = self._carry + data
-            even = len(data) & ~1
-            self._carry = data[even:]
-            if even:
-                return Chunk(np.frombuffer(data[:even], dtype="<i2").astype(np.int16))
+            whole = len(data) - len(data) % width
+            self._carry = data[whole:]
+            if whole:
+                return Chunk(self._format.decode(data[:whole]))
         return None
+
+    def close(self) -> None:
+        if self._owns:
+            self._stream.close()
 
 
 class CaptureReader(Protocol):
@@ -324,11 +435,28 @@ class PacedReader:
 
 
 def open_input(path: str, sample_rate: int, *, realtime: bool = False) -> Source:
-    """`--input`: a WAV/FLAC file, or `-` for raw s16le mono on stdin."""
+    """`--input`: a WAV/FLAC file; `-` for stdin; a FIFO or character device (/dev/zero)
+    is read as a stream like stdin (raw s16le mono, or a WAV stream)."""
     if path == "-":
         if realtime:
             raise AudioError("--realtime paces files; stdin is already paced by its writer")
         return RawPcmSource(sys.stdin.buffer, sample_rate)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = 0
+    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
+        if realtime:
+            raise AudioError(f"--realtime paces files; {path} is a stream, paced by its writer")
+        try:
+            stream = open(path, "rb")  # noqa: SIM115 - the source owns and closes it
+        except OSError as e:
+            raise AudioError(f"{path}: cannot open ({e.strerror})") from None
+        try:
+            return RawPcmSource(stream, sample_rate, name=path, owns=True)
+        except BaseException:
+            stream.close()
+            raise
     if realtime:
         return LiveSource(path, sample_rate, lambda: PacedReader(FileSource(path, sample_rate)))
     return FileSource(path, sample_rate)

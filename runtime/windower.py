@@ -13,12 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from msn_edge.runtime.frontend import pcm_to_float
+
 
 @dataclass(frozen=True)
 class Window:
     index: int  # 0, 1, 2, ... in the order emitted, across resets
     start: int  # position of its first sample in the stream, in samples
-    samples: np.ndarray  # int16 (size,), a copy the caller may keep
+    samples: np.ndarray  # float32 (size,) in [-1, 1), a copy the caller may keep
 
 
 class Windower:
@@ -35,7 +37,7 @@ class Windower:
             raise ValueError(f"hop must be in 1..{size} samples (the window), got {hop}")
         self.size = size
         self.hop = hop
-        self._buf = np.zeros(size, dtype=np.int16)
+        self._buf = np.zeros(size, dtype=np.float32)
         self.position = 0  # samples pushed since creation (never reset)
         self.windows = 0  # windows emitted since creation (never reset)
         self._fill = 0  # valid samples at the front of _buf
@@ -58,9 +60,13 @@ class Windower:
         return self._fresh
 
     def push(self, chunk: np.ndarray) -> list[Window]:
-        """Append one int16 chunk; return the windows it completes, oldest first."""
+        """Append one chunk (int16 PCM or float); return the windows it completes, oldest first.
+
+        Integer PCM is scaled to float here, once, as runtime.audio scales files.
+        """
         if chunk.ndim != 1:
             raise ValueError(f"expected a mono chunk, got shape {chunk.shape}")
+        chunk = pcm_to_float(chunk)
         out = []
         used = 0
         while used < chunk.size:

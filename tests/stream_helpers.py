@@ -18,6 +18,14 @@ def counter(n: int, start: int = 0) -> np.ndarray:
     return ((np.arange(start, start + n) + 2**15) % 2**16 - 2**15).astype(np.int16)
 
 
+def pcm16(x: np.ndarray) -> np.ndarray:
+    """Samples as int16 again: windows and file chunks are float32 scaled by 1/32768."""
+    x = np.asarray(x)
+    if x.dtype == np.int16:
+        return x
+    return np.round(x.astype(np.float64) * 32768.0).astype(np.int16)
+
+
 class Recorder:
     """Stand-in engine that keeps every window it is given, as int16 again.
 

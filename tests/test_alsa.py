@@ -193,7 +193,7 @@ def test_cli_monitor_on_a_real_alsa_device(tmp_path, monkeypatch, toy):
     for k, e in enumerate(windows):
         expected = det.score(pcm[k * size : (k + 1) * size].astype(np.float32) / 32768.0)
         assert e["score"] == expected.score, (e["score"], expected.score)
-    assert f"stopped: {len(pattern)} windows, 3 anomalous, 1 alarms" in proc.stderr
+    assert f"stopped: {len(pattern)} windows, 3 anomalous, 0 invalid, 1 alarms" in proc.stderr
 
 
 def test_unpaced_device_overruns_are_counted_in_events(alsa_home, toy):

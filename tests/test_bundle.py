@@ -18,6 +18,7 @@ from msn_edge.runtime import bundle as bundle_mod
 from msn_edge.runtime.bundle import ScoringGroup, read_bundle, write_bundle
 from msn_edge.runtime.errors import BundleError
 from msn_edge.runtime.frontend import FrontendConfig
+from msn_edge.runtime.manifest import manifest_digest
 from msn_edge.runtime.version import BUNDLE_FORMAT, __version__
 
 FRONTEND = FrontendConfig(window_s=1.0)
@@ -67,9 +68,12 @@ def _rezip(
     return path
 
 
-def _with_manifest(members: dict[str, bytes], edit) -> dict[str, bytes]:
+def _with_manifest(members: dict[str, bytes], edit, *, redigest: bool = True) -> dict[str, bytes]:
+    """Edit the manifest; with `redigest`, fix its digest too, as a forger who read the code."""
     manifest = json.loads(members["manifest.json"])
     edit(manifest)
+    if redigest:
+        manifest["digest_sha256"] = manifest_digest(manifest)
     return {**members, "manifest.json": json.dumps(manifest).encode()}
 
 
@@ -153,14 +157,35 @@ def test_missing_int8_model_is_a_clear_error(tmp_path):
         b.model_bytes("fp8")
 
 
-def test_format_1_bundle_reads_and_runs_int8_on_the_cpu_from_its_one_model(tmp_path):
-    # Format 1 (msn-edge before the CPU int8 model) is format 2 without that member.
+@pytest.mark.parametrize("old", [1, 2])
+def test_old_formats_without_a_digest_are_refused_with_re_export_advice(tmp_path, old):
     path = _write(tmp_path / "old.msn", model_int8_onnx=b"int8-model-bytes")
-    members = _with_manifest(_members(path), lambda m: m.update(format=1))
-    b = read_bundle(_rezip(tmp_path / "v1.msn", members))
-    assert b.manifest["format"] == 1 and BUNDLE_FORMAT == 2
-    assert b.variants == ["fp32", "int8"]
-    assert b.int8_for_cpu() == b"int8-model-bytes"
+    members = _with_manifest(_members(path), lambda m: m.update(format=old))
+    with pytest.raises(
+        BundleError,
+        match=rf"bundle format {old} \(written by msn-edge {__version__}\); this msn-edge "
+        rf"{__version__} reads bundle format 3 \(older formats carry no manifest digest.*"
+        r"re-export the model with `msn-edge export`",
+    ):
+        read_bundle(_rezip(tmp_path / "v1.msn", members))
+
+
+def test_an_edited_threshold_is_refused_by_the_digest(tmp_path):
+    """The issue's case: threshold 99 made every window normal; the digest catches it."""
+    path = _write(tmp_path / "fan.msn")
+
+    def edit(m):
+        m["groups"][0]["threshold"] = 99
+
+    _rezip(path, _with_manifest(_members(path), edit, redigest=False))
+    with pytest.raises(BundleError, match="manifest.json does not match its digest"):
+        read_bundle(path)
+    # A forger who recomputes the digest still meets the range check.
+    _rezip(path, _with_manifest(_members(path), edit))
+    with pytest.raises(
+        BundleError, match=r"manifest field groups\[0\]\.threshold must be a finite number in "
+    ):
+        read_bundle(path)
 
 
 def test_write_is_atomic_and_validates_first(tmp_path):
@@ -192,6 +217,9 @@ def good(tmp_path) -> Path:
 
 def _tamper_cases():
     def edited(m):
+        return {**m, "model.onnx": m["model.onnx"][:-1] + b"!"}
+
+    def grown(m):
         return {**m, "model.onnx": m["model.onnx"] + b"!"}
 
     def without(name):
@@ -227,6 +255,7 @@ def _tamper_cases():
 
     return [
         ("edited member", edited, r"member 'model\.onnx' does not match its sha256"),
+        ("grown member", grown, r"'model\.onnx' is 17 bytes in the archive, 16 in the manifest"),
         ("deleted member", without("prototypes.npy"), r"missing member 'prototypes\.npy'"),
         (
             "deleted listed int8",
@@ -239,12 +268,12 @@ def _tamper_cases():
             "wrong format",
             fmt(99),
             r"bundle format 99 \(written by msn-edge .*\); this msn-edge "
-            rf"{__version__} reads bundle formats 1 and 2: re-export",
+            rf"{__version__} reads bundle format 3: re-export",
         ),
         (
             "newer format with a new member",  # the format is the message, not the member
-            lambda m: fmt(3)(added("model.fp8.onnx")(m)),
-            r"bundle format 3 \(written by msn-edge",
+            lambda m: fmt(4)(added("model.fp8.onnx")(m)),
+            r"bundle format 4 \(written by msn-edge",
         ),
         ("no format", fmt(None), "manifest.json has no format version; this msn-edge"),
         ("bad json", added("manifest.json", b"{not json"), "manifest.json is not valid JSON"),
@@ -328,14 +357,33 @@ def test_member_over_size_limit(good, monkeypatch):
 
 
 def test_member_understating_its_size_is_refused(good):
-    """A central directory that lies about a member's size cannot smuggle in more bytes."""
-    _rezip(good, {**_members(good), "model.onnx": b"\0" * (3 << 20)})  # a small zip bomb
+    """A zip whose sizes lie cannot smuggle in more bytes: the archive's size must match
+    the manifest's (checked before inflating), and inflating stops at the declared size."""
+    base = _members(good)
+    _rezip(good, {**base, "model.onnx": b"\0" * (3 << 20)})  # a small zip bomb
     raw = bytearray(good.read_bytes())
     entry = raw.find(b"PK\x01\x02")  # central directory records: find model.onnx's
     while raw[entry + 46 : entry + 56] != b"model.onnx":
         entry = raw.find(b"PK\x01\x02", entry + 4)
         assert entry >= 0
     struct.pack_into("<I", raw, entry + 24, 1000)  # uncompressed size: "1000 bytes"
+    good.write_bytes(bytes(raw))
+    with pytest.raises(
+        BundleError, match=r"member 'model\.onnx' is 1000 bytes in the archive, 16 in the manifest"
+    ):
+        read_bundle(good)
+
+    def claim_1000(m):
+        m["members"]["model.onnx"]["bytes"] = 1000
+
+    bomb = {**base, "model.onnx": b"\0" * (3 << 20)}
+    _rezip(good, _with_manifest(bomb, claim_1000))  # a forger who re-digests
+    raw = bytearray(good.read_bytes())
+    entry = raw.find(b"PK\x01\x02")
+    while raw[entry + 46 : entry + 56] != b"model.onnx":
+        entry = raw.find(b"PK\x01\x02", entry + 4)
+        assert entry >= 0
+    struct.pack_into("<I", raw, entry + 24, 1000)
     good.write_bytes(bytes(raw))
     with pytest.raises(BundleError, match=r"member 'model\.onnx' is corrupt \(Bad CRC-32"):
         read_bundle(good)

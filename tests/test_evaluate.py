@@ -182,8 +182,21 @@ def test_score_with_a_run_matches_evaluate(fan_run, fan_eval, shared_data, tmp_p
     r = CliRunner().invoke(main, ["score", "--json", str(fan_run), str(files[0])])
     assert r.exit_code == 0
     doc = json.loads(r.stdout)
-    assert set(doc) == {"path", "score", "anomalous", "threshold"}
+    assert set(doc) == {
+        "path",
+        "score",
+        "anomalous",
+        "verdict",
+        "invalid_reason",
+        "threshold",
+        "windows",
+        "worst_start_s",
+        "duration_s",
+        "tiled",
+    }
     assert doc["anomalous"] == (doc["score"] > doc["threshold"])
+    assert (doc["windows"], doc["duration_s"], doc["tiled"]) == (1, 10.0, False)
+    assert doc["verdict"] == ("anomalous" if doc["anomalous"] else "normal")
 
 
 def test_score_refuses_ambiguous_groups_and_wrong_options(tmp_path, shared_data):

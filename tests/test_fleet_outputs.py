@@ -346,3 +346,32 @@ def test_bad_mqtt_url_is_one_line(toy, tmp_path):
     )
     assert result.exit_code == 1
     assert "expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]" in result.stderr
+
+
+def test_metrics_count_an_invalid_window_without_a_score(tmp_path):
+    pytest.importorskip("prometheus_client")
+    from msn_edge.runtime.metrics_sink import MetricsSink
+
+    sink = MetricsSink()
+    base = {
+        "event": "window",
+        "stream": "m",
+        "end": "2025-03-01T12:00:01.000Z",
+        "threshold": 0.3,
+        "overruns": 0,
+        "dropped_samples": 0,
+        "backend": "cpu",
+        "frontend_ms": 1.0,
+        "inference_ms": 2.0,
+    }
+    sink({**base, "score": 0.5, "anomalous": True, "verdict": "anomalous"})
+    sink({**base, "score": None, "anomalous": None, "verdict": "invalid"})
+    got = {
+        (s.name, s.labels.get("stream")): s.value
+        for family in sink.registry.collect()
+        for s in family.samples
+    }
+    assert got[("msn_edge_windows_total", "m")] == 2
+    assert got[("msn_edge_anomalous_windows_total", "m")] == 1
+    assert got[("msn_edge_invalid_windows_total", "m")] == 1
+    assert np.isnan(got[("msn_edge_score", "m")]) and np.isnan(got[("msn_edge_anomalous", "m")])

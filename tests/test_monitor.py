@@ -118,6 +118,7 @@ def test_window_events_carry_the_documented_fields(toy, tmp_path):
         "threshold",
         "anomalous",
         "verdict",
+        "invalid_reason",
         "latency_ms",
         "frontend_ms",
         "inference_ms",
@@ -290,7 +291,7 @@ def test_cli_monitor_file_writes_events_and_a_summary(toy, tmp_path):
     assert [x["event"] for x in lines].count("window") == 7
     assert [x["event"] for x in lines if x["event"] != "window"] == ["alarm", "clear"]
     assert events_file.read_text() == out
-    assert "stopped: 7 windows, 3 anomalous, 1 alarms, 0 overruns" in err
+    assert "stopped: 7 windows, 3 anomalous, 0 invalid, 1 alarms, 0 overruns" in err
     assert "real-time factor" in err
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
 

@@ -283,6 +283,8 @@ def test_config_errors_are_one_clear_line(tmp_path, toy):
     )
     bad(f'[defaults]\nbundle = "{toy}"\nhopp = 1\n', "unknown key hopp")
     bad(f'[defaults]\nbundle = "{toy}"\nhop = "5"\n', "hop_s must be a number")
+    bad(f'[defaults]\nbundle = "{toy}"\nthreshold = nan\n', "threshold must be a finite")
+    bad(f'[defaults]\nbundle = "{toy}"\nhop = inf\n', "hop_s must be a finite")
     bad('[batch]\nmax_batch = 0\n[[streams]]\nname="a"\nfile="x"\nbundle="b"\n', "max_batch")
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "absent.toml")
@@ -407,3 +409,45 @@ def test_a_stop_while_the_engine_is_busy_ends_the_run(tmp_path):
         runner.start()
         assert done.wait(30), "the monitor did not stop"
     assert 1 <= len(det.windows) < 30
+
+
+def test_invalid_windows_skip_the_engine_and_never_vote_in_any_stream(toy, tmp_path):
+    """NaN and digital-silence windows in a batch: no engine row, verdict invalid, no vote."""
+    size = toy_frontend(1.0).window_samples
+    good = recording("aaaa", 1.0, seed=1).astype(np.float32) / 32768
+    broken = good.copy()
+    broken[size + 5] = np.nan  # window 1: non-finite
+    broken[3 * size :] = 0.0  # window 3: digital silence
+    sf.write(tmp_path / "good.wav", good, RATE, subtype="FLOAT")
+    sf.write(tmp_path / "broken.wav", broken, RATE, subtype="FLOAT")
+    (tmp_path / "monitor.toml").write_text(
+        f'[defaults]\nbundle = "{toy}"\nalarm_after = 2\n\n'
+        "[batch]\nmax_batch = 2\nmax_wait_s = 30\n\n"
+        '[[streams]]\nname = "good"\nfile = "good.wav"\n'
+        '[[streams]]\nname = "broken"\nfile = "broken.wav"\n'
+    )
+    events: list[dict] = []
+    with contextlib.ExitStack() as stack:
+        monitor = open_monitor(load_config(tmp_path / "monitor.toml"), events.append, stack)
+        (batcher,) = monitor.batchers.values()
+        shared = batcher.engine
+        shared.engine = counting = CountingEngine(shared.engine)
+        result = monitor.run()
+    assert sum(batcher.sizes) == 8  # every window of both streams reaches the batcher
+    assert sum(counting.sizes) == shared.windows == 6  # the engine never sees the 2 invalid
+    mine = {name: [e for e in events if e["stream"] == name] for name in ("good", "broken")}
+    windows = [e for e in mine["broken"] if e["event"] == "window"]
+    assert [e["verdict"] for e in windows] == ["anomalous", "invalid", "anomalous", "invalid"]
+    assert "non-finite" in windows[1]["invalid_reason"]
+    assert "digital silence" in windows[3]["invalid_reason"]
+    assert windows[1]["score"] is None and windows[1]["anomalous"] is None
+    # a, (no vote), a: two anomalous windows in a row raise the alarm at window 2
+    assert [(e["event"], e["index"]) for e in mine["broken"] if e["event"] != "window"] == [
+        ("alarm", 2)
+    ]
+    assert [(e["event"], e["index"]) for e in mine["good"] if e["event"] != "window"] == [
+        ("alarm", 1)
+    ]
+    summary = result.streams["broken"]
+    assert (summary.windows, summary.anomalous, summary.invalid) == (4, 2, 2)
+    assert result.streams["good"].invalid == 0

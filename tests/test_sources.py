@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 import soundfile as sf
-from stream_helpers import RATE, counter
+from stream_helpers import RATE, counter, pcm16
 
 from msn_edge.runtime.capture import (
     ArecordReader,
@@ -38,7 +38,7 @@ def drain(source) -> tuple[np.ndarray, list]:
     chunks = []
     while (chunk := source.read()) is not None:
         chunks.append(chunk)
-    return np.concatenate([c.samples for c in chunks]), chunks
+    return pcm16(np.concatenate([c.samples for c in chunks])), chunks
 
 
 @pytest.mark.parametrize("fmt", ["WAV", "FLAC"])
@@ -49,7 +49,7 @@ def test_file_source_gives_the_exact_samples(tmp_path, fmt):
     with FileSource(path, RATE) as source:
         got, chunks = drain(source)
     np.testing.assert_array_equal(got, signal)
-    assert all(c.samples.dtype == np.int16 and not c.resumed for c in chunks)
+    assert all(c.samples.dtype == np.float32 and not c.resumed for c in chunks)  # audio.py
 
 
 def test_file_source_errors_name_the_file_and_the_fix(tmp_path):
@@ -100,7 +100,7 @@ def test_raw_pcm_source_warns_about_a_trailing_half_sample(caplog):
     with caplog.at_level(logging.WARNING):
         got, _ = drain(RawPcmSource(io.BytesIO(data), RATE))
     np.testing.assert_array_equal(got, counter(10))
-    assert "odd byte" in caplog.text
+    assert "ended with 1 byte(s) of an incomplete sample" in caplog.text
 
 
 def test_stop_ends_a_file_source_at_the_next_read(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -26,6 +27,30 @@ def user_errors(fn: F) -> F:
             raise click.ClickException(str(e)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option in a range that also refuses nan and inf (FloatRange lets them pass)."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+def echo_stdout(text: str) -> None:
+    """A result line on stdout; a closed or full stdout is one clear error, not a traceback."""
+    try:
+        click.echo(text)
+    except (OSError, ValueError) as e:
+        from msn_edge.runtime.events import silence_stdout
+
+        silence_stdout()
+        why = getattr(e, "strerror", None) or str(e)
+        raise MsnEdgeError(f"cannot write results to stdout ({why})") from None
 
 
 # Libraries that log their internals at INFO (the ONNX exporter logs one line per

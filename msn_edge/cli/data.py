@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from msn_edge.cli import main
-from msn_edge.cli.common import user_errors
+from msn_edge.cli.common import FiniteFloat, user_errors
 from msn_edge.runtime.errors import MsnEdgeError
 from msn_edge.synth import KINDS
 
@@ -46,14 +46,14 @@ from msn_edge.synth import KINDS
     "--seconds",
     default=10.0,
     show_default=True,
-    type=click.FloatRange(min=1.0),
+    type=FiniteFloat(min=1.0, max=3600.0),
     help="Clip length.",
 )
 @click.option(
     "--test-speed",
     default=1.0,
     show_default=True,
-    type=click.FloatRange(0.5, 2.0),
+    type=FiniteFloat(min=0.5, max=2.0),
     help="Run the test clips' machines this much faster: a domain shift (normal "
     "operating points not in training).",
 )
@@ -113,10 +113,15 @@ def synth_command(
 @click.option(
     "--check",
     is_flag=True,
-    help="Also decode every clip: reports unreadable files, wrong rates, non-mono audio.",
+    help="Also decode every clip: reports unreadable or truncated files, wrong rates, "
+    "non-mono audio, NaN/inf samples.",
 )
 @click.option(
-    "--sample-rate", default=16_000, show_default=True, help="Rate --check expects, in Hz."
+    "--sample-rate",
+    default=16_000,
+    show_default=True,
+    type=click.IntRange(1_000, 384_000),
+    help="Rate --check expects, in Hz.",
 )
 @click.pass_context
 @user_errors
@@ -165,13 +170,17 @@ def datasets_command(
 @click.option(
     "--normal",
     "normal_s",
-    type=(float, float),
+    type=(FiniteFloat(min=0, max=86400), FiniteFloat(min=0, max=86400)),
     default=(60.0, 60.0),
     show_default=True,
     help="Seconds of normal running before and after the fault.",
 )
 @click.option(
-    "--fault-seconds", default=60.0, show_default=True, help="Length of the faulty stretch."
+    "--fault-seconds",
+    default=60.0,
+    show_default=True,
+    type=FiniteFloat(min=0, max=86400),
+    help="Length of the faulty stretch.",
 )
 @click.option("--fault", default=None, help="Fault name [default: the kind's first].")
 @user_errors

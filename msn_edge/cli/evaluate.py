@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from pathlib import Path
 
 import click
 
 from msn_edge.cli import main
-from msn_edge.cli.common import setup_logging, user_errors
+from msn_edge.cli.common import echo_stdout, setup_logging, user_errors
 from msn_edge.runtime.errors import MsnEdgeError
 
 BUNDLE_SUFFIX = ".msn"
+VERDICT_WORDS = {"normal": "normal", "anomalous": "ANOMALY", "invalid": "INVALID"}
 
 
 @main.command("evaluate")
@@ -68,8 +70,11 @@ def is_bundle(path: Path) -> bool:
         return True
     if not (path.is_file() and zipfile.is_zipfile(path)):
         return False
-    with zipfile.ZipFile(path) as z:
-        return "manifest.json" in z.namelist()
+    try:
+        with zipfile.ZipFile(path) as z:
+            return "manifest.json" in z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False  # read_checkpoint / read_bundle then say what is wrong
 
 
 @main.command("score")
@@ -102,9 +107,12 @@ def score_command(
 
     MODEL is a bundle (.msn, scored with the torch-free runtime) or a training run
     folder / checkpoint (scored with torch). One line per file:
-    path<TAB>score<TAB>normal|ANOMALY, or a JSON object with --json. A file that cannot
-    be scored gets a one-line error on stderr, the others are still scored, and the
-    exit status is 1.
+    path<TAB>score<TAB>normal|ANOMALY|INVALID, or a JSON object with --json. A file
+    longer than the model's window is judged window by window (the last one aligned to
+    the file's end) and gets its worst window's score. Audio that cannot be judged
+    (NaN/inf samples, digital silence) is INVALID with the reason on stderr, never
+    normal. A file that cannot be scored gets a one-line error on stderr, the others are
+    still scored, and the exit status is 1 (also after an INVALID file).
 
     Example:
 
@@ -132,15 +140,27 @@ def score_command(
     for path in files:
         try:
             r = scorer.score_file(path, downmix=downmix, resample=resample)
-        except MsnEdgeError as e:
-            msg = str(e) if str(path) in str(e) else f"{path}: {e}"
+        except (MsnEdgeError, ValueError, RuntimeError, OSError, MemoryError) as e:
+            # One bad file never stops the batch: it is named, the rest are scored.
+            text = str(e) if isinstance(e, MsnEdgeError) else f"cannot score it ({e!r:.200})"
+            msg = text if str(path) in text else f"{path}: {text}"
             click.echo(f"Error: {msg}", err=True)
             failed += 1
             continue
+        if r.invalid:
+            click.echo(f"Warning: {path}: {r.invalid}", err=True)
+            failed += r.verdict == "invalid"
+        if r.windows > 1 or r.tiled:
+            how = (
+                f"{r.duration_s:g} s, shorter than a window: tiled to length"
+                if r.tiled
+                else f"{r.windows} windows over {r.duration_s:g} s, worst at {r.worst_start_s:g} s"
+            )
+            click.echo(f"{path}: {how}", err=True)
         if as_json:
-            doc = {"path": str(path), "score": r.score, "anomalous": r.anomalous}
-            click.echo(json.dumps({**doc, "threshold": r.threshold}))
+            echo_stdout(json.dumps(r.to_dict(str(path)), allow_nan=False))
         else:
-            click.echo(f"{path}\t{r.score:.6f}\t{'ANOMALY' if r.anomalous else 'normal'}")
+            shown = f"{r.score:.6f}" if math.isfinite(r.score) else "-"
+            echo_stdout(f"{path}\t{shown}\t{VERDICT_WORDS[r.verdict]}")
     if failed:
         ctx.exit(1)

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from msn_edge.cli import main
-from msn_edge.cli.common import setup_logging, user_errors
+from msn_edge.cli.common import FiniteFloat, setup_logging, user_errors
 from msn_edge.runtime.assemble import open_monitor
 from msn_edge.runtime.capture import CAPTURES, list_input_devices
 from msn_edge.runtime.engines import BACKENDS, PRECISIONS
@@ -149,7 +149,7 @@ def _config(
 @click.option(
     "--hop",
     "hop_s",
-    type=float,
+    type=FiniteFloat(min=0, min_open=True),
     metavar="SECONDS",
     help="Time between window starts [default: the window; shorter overlaps].",
 )
@@ -174,7 +174,7 @@ def _config(
 )
 @click.option(
     "--duration",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(min=0, min_open=True),
     metavar="SECONDS",
     help="Stop after this much audio (per stream).",
 )
@@ -193,7 +193,11 @@ def _config(
     help="Model precision: int8 needs a bundle with an int8 model, fp16 a TensorRT backend.",
 )
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for inference.")
-@click.option("--threshold", type=float, help="Override the bundle's decision threshold.")
+@click.option(
+    "--threshold",
+    type=FiniteFloat(min=0, max=2),
+    help="Override the bundle's decision threshold (a cosine distance, 0 to 2).",
+)
 @click.option("--group", help="Scoring group (machine type/ID) when the bundle has several.")
 @click.option(
     "--capture",
@@ -210,7 +214,7 @@ def _config(
 )
 @click.option(
     "--max-wait",
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     metavar="SECONDS",
     help="Latency budget: longest a ready window waits for others to batch with "
     f"[default: {BatchPolicy.max_wait_s}].",
