@@ -15,6 +15,7 @@ from msn_edge.cli.common import setup_logging, user_errors
 from msn_edge.runtime.capture import CAPTURES, list_input_devices, open_device
 from msn_edge.runtime.detector import Detector
 from msn_edge.runtime.engines import BACKENDS, PRECISIONS
+from msn_edge.runtime.enroll import enroll_first
 from msn_edge.runtime.errors import MsnEdgeError
 from msn_edge.runtime.events import EventSink
 from msn_edge.runtime.monitor import run_monitor
@@ -116,6 +117,14 @@ def _stop_on_signals(source: Source) -> Iterator[None]:
     show_default=True,
     help="How --device is read: arecord (any ALSA name) or PortAudio.",
 )
+@click.option(
+    "--enroll-first",
+    "enroll_minutes",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="MINUTES",
+    help="First listen this long to normal running and enroll it as --group into a new "
+    "bundle beside BUNDLE (see `msn-edge enroll`), then monitor with that.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logs.")
 @user_errors
 def monitor(
@@ -134,6 +143,7 @@ def monitor(
     threshold: float | None,
     group: str | None,
     capture: str,
+    enroll_minutes: float | None,
     verbose: bool,
 ) -> None:
     """Score audio window by window: one JSON event per line on stdout.
@@ -149,19 +159,22 @@ def monitor(
       msn-edge monitor fan.msn --device plughw:1,0 --events-file events.jsonl
       arecord -t raw -f S16_LE -r 16000 -c 1 | msn-edge monitor fan.msn --input -
       msn-edge monitor fan.msn --input recording.wav --hop 5
+      msn-edge monitor fan.msn --device plughw:1,0 --group fan/id_07 --enroll-first 5
     """
     setup_logging(verbose)
     if (device is None) == (input_path is None):
         raise click.UsageError("give exactly one of --device NAME or --input FILE|-")
     if realtime and device is not None:
         raise click.UsageError("--realtime paces --input FILE; a device is live already")
+    if enroll_minutes is not None and group is None:
+        raise click.UsageError("--enroll-first needs --group NAME: the machine it enrolls")
     with contextlib.ExitStack() as stack:
         detector = Detector.open(
             bundle,
             backend=backend,
             precision=precision,
             threads=threads,
-            group=group,
+            group=None if enroll_minutes else group,  # a new machine is no group yet
             threshold=threshold,
         )
         stack.callback(detector.close)
@@ -173,6 +186,10 @@ def monitor(
         stack.enter_context(source)
         sink = stack.enter_context(contextlib.closing(EventSink(events_file=events_file)))
         stack.enter_context(_stop_on_signals(source))
+        if enroll_minutes is not None:
+            detector, _ = enroll_first(
+                detector, source, enroll_minutes, group=group, hop_s=hop_s, threshold=threshold
+            )
         run_monitor(
             source,
             detector,
