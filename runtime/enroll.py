@@ -152,6 +152,50 @@ def _regroup(parent: Bundle, name: str, fit: GroupFit) -> tuple[np.ndarray, list
     return np.concatenate([b[1] for b in blocks]).astype(np.float32), groups
 
 
+def _record(
+    parent: Bundle,
+    existing: ScoringGroup | None,
+    options: EnrollOptions,
+    feed: Feed,
+    data: Embedded,
+    fit: GroupFit,
+    engine: Engine,
+    models: dict[str, bytes],
+) -> dict:
+    """The audit record of one enrollment (runtime/history.py lists the required fields)."""
+    fe = parent.frontend
+    hop_s = fit.calibration["hop_s"]
+    return {
+        "utc": utc_now(),
+        "msn_edge_version": __version__,
+        "group": options.group,
+        "mode": "update" if options.update else "replace" if existing else "new",
+        "source": feed.description,
+        "seconds": round(feed.seconds, 3),
+        "windows": {
+            "used": len(data.emb),
+            "held_out": int(fit.held_scores.size),  # leave-one-out: every window, in turn
+            "fit": fit.calibration["n_fit"],
+            "silent": data.silent,
+            "clipped": data.clipped,
+            "window_s": fe.window_s,
+            "hop_s": hop_s,
+        },
+        "gaps": feed.stats.gaps,
+        "backend": engine.name,
+        "precision": engine.precision,
+        "prototypes_before": 0 if existing is None else existing.stop - existing.start,
+        "prototypes_after": len(fit.prototypes),
+        "threshold_before": None if existing is None else existing.threshold,
+        "threshold_after": fit.threshold,
+        "threshold_how": _how(fit.calibration, options),
+        "calibration": fit.calibration,
+        "parent": parent.path.name,
+        "parent_sha256": parent.sha256,
+        "models_sha256": {MODEL_MEMBERS[v]: _sha256(b) for v, b in models.items()},
+    }
+
+
 def enroll(
     parent: Bundle,
     engine: Engine,
@@ -171,6 +215,7 @@ def enroll(
     hop = options.hop(fe)
     out = Path(out)
     check_output(parent.path, out, force=force)
+    past = history(parent)  # a malformed trail fails now, not after minutes of listening
     existing = next((g for g in parent.groups if g.name == options.group), None)
     if options.update and existing is None:
         known = ", ".join(g.name for g in parent.groups)
@@ -206,38 +251,9 @@ def enroll(
 
     models = {v: parent.model_bytes(v) for v in parent.variants}
     prototypes, groups = _regroup(parent, options.group, fit)
-    record = {
-        "utc": utc_now(),
-        "msn_edge_version": __version__,
-        "group": options.group,
-        "mode": mode,
-        "source": feed.description,
-        "seconds": round(feed.seconds, 3),
-        "windows": {
-            "used": len(data.emb),
-            "held_out": int(fit.held_scores.size),  # leave-one-out: every window, in turn
-            "fit": fit.calibration["n_fit"],
-            "silent": data.silent,
-            "clipped": data.clipped,
-            "window_s": fe.window_s,
-            "hop_s": hop_s,
-        },
-        "gaps": feed.stats.gaps,
-        "backend": engine.name,
-        "precision": engine.precision,
-        "prototypes_before": 0 if existing is None else existing.stop - existing.start,
-        "prototypes_after": len(fit.prototypes),
-        "threshold_before": None if existing is None else existing.threshold,
-        "threshold_after": fit.threshold,
-        "threshold_how": _how(fit.calibration, options),
-        "calibration": fit.calibration,
-        "checks": checks,
-        "warnings": warnings,
-        "processing_s": round(time.perf_counter() - started, 3),
-        "parent": parent.path.name,
-        "parent_sha256": parent.sha256,
-        "models_sha256": {MODEL_MEMBERS[v]: _sha256(b) for v, b in models.items()},
-    }
+    record = _record(parent, existing, options, feed, data, fit, engine, models)
+    record.update(checks=checks, warnings=warnings)
+    record["processing_s"] = round(time.perf_counter() - started, 3)
     write_bundle(
         out,
         model_onnx=models["fp32"],
@@ -248,19 +264,10 @@ def enroll(
         frontend=fe,
         trained_on=parent.manifest.get("trained_on", {}),
         metadata=parent.manifest.get("metadata", {}),
-        enrollments=[*history(parent), record],
+        enrollments=[*past, record],
     )
     written = _verify(out, parent, models, prototypes)
-    log.info(
-        "wrote %s: '%s' %d -> %d prototypes, threshold %s -> %.4g (%s)",
-        out,
-        options.group,
-        record["prototypes_before"],
-        record["prototypes_after"],
-        "none" if existing is None else f"{existing.threshold:.4g}",
-        fit.threshold,
-        record["threshold_how"],
-    )
+    log.info("wrote %s", out)
     return EnrollResult(out, written, record, warnings)
 
 

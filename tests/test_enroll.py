@@ -23,14 +23,18 @@ from click.testing import CliRunner
 from toy_bundle import anomalous_signal, make_toy_bundle, toy_frontend
 
 from msn_edge.cli import main
-from msn_edge.runtime.bundle import read_bundle
+from msn_edge.runtime.bundle import read_bundle, write_bundle
 from msn_edge.runtime.detector import Detector
 from msn_edge.runtime.engines import make_engine
+from msn_edge.runtime.enroll import enroll
+from msn_edge.runtime.enroll_feed import source_feed
 from msn_edge.runtime.enroll_fit import EnrollOptions, exponential_tail, threshold_from
+from msn_edge.runtime.errors import MsnEdgeError
 from msn_edge.runtime.frontend import features
 from msn_edge.runtime.history import RECORD_FIELDS
 from msn_edge.runtime.prototypes import group_prototypes, kmeans, unit_rows
 from msn_edge.runtime.scorer import anomaly_scores
+from msn_edge.runtime.sources import Chunk, Source
 
 RATE = 16_000
 FE = toy_frontend()  # 1 s windows
@@ -533,3 +537,62 @@ def test_enroll_runs_without_torch(toy, tmp_path):
         assert res.returncode == 0, res.stderr
     assert "enrollment history (1):" in res.stdout
     assert read_bundle(out).group().name == "m"
+
+
+class Chunks(Source):
+    """Prepared chunks (with gap flags); stops itself after `stop_after` reads if given."""
+
+    def __init__(self, chunks: list[Chunk], stop_after: int | None = None) -> None:
+        super().__init__("chunks", RATE)
+        self._chunks, self._reads, self._stop_after = list(chunks), 0, stop_after
+
+    def read(self) -> Chunk | None:
+        self._reads += 1
+        if self._reads == self._stop_after:
+            self.stop()  # as the SIGINT handler does
+        return self._chunks.pop(0) if self._chunks and not self.stopped else None
+
+
+def test_stream_windows_never_straddle_a_gap():
+    audio = pcm(windows_of(5, seed=1))
+    # 2.5 s, then audio was lost (an overrun, a device that came back), then 2.5 s more.
+    chunks = [Chunk(audio[:40_000]), Chunk(audio[40_000:], resumed=True)]
+    feed = source_feed(Chunks(chunks), FE, RATE // 2)
+    got = list(feed.windows)
+    assert [(w.segment, w.start) for w in got] == [
+        (0, 0), (0, 8_000), (0, 16_000), (0, 24_000),
+        (1, 40_000), (1, 48_000), (1, 56_000), (1, 64_000),
+    ]  # fmt: skip
+    np.testing.assert_array_equal(got[4].samples * 32768, audio[40_000:56_000])
+    assert feed.stats.gaps == 1 and feed.stats.ended and not feed.stats.stopped
+    assert feed.seconds == 5.0
+
+
+def test_a_stopped_stream_enrolls_nothing(toy, tmp_path):
+    audio = pcm(windows_of(20, seed=1))
+    chunks = [Chunk(c) for c in np.split(audio, 20)]
+    bundle = read_bundle(toy)
+    feed = source_feed(Chunks(chunks, stop_after=12), FE, RATE)
+    out = tmp_path / "x.msn"
+    with pytest.raises(MsnEdgeError, match="stopped after 11 s of audio; nothing enrolled"):
+        enroll(bundle, make_engine(bundle, "cpu"), feed, out, EnrollOptions("m"))
+    assert not out.exists()
+
+
+def test_a_malformed_history_is_one_clear_error(toy, tmp_path):
+    parent = read_bundle(toy)
+    bad = tmp_path / "bad.msn"
+    write_bundle(
+        bad,
+        model_onnx=parent.model_bytes("fp32"),
+        prototypes=parent.prototypes,
+        groups=parent.groups,
+        frontend=parent.frontend,
+        trained_on={},
+        enrollments=[{"utc": "2026-01-01T00:00:00Z", "group": "toy"}],
+    )
+    code, out, err = run("info", bad)
+    assert "enrollment record 1 lacks msn_edge_version, mode, source" in one_error(code, err)
+    rec = write_wav(tmp_path / "m.wav", windows_of(10, seed=1))
+    code, out, err = run("enroll", bad, "--group", "m", "--input", rec, "-o", tmp_path / "x.msn")
+    assert "enrollment record 1 lacks" in one_error(code, err)
