@@ -3,6 +3,7 @@ the same model trained with them.
 
     python benchmarks/first_shot.py            # rewrites benchmarks/results-first-shot.md
     python benchmarks/first_shot.py --epochs 20 --work /tmp/first-shot --keep
+    python benchmarks/first_shot.py --work /tmp/first-shot --reuse   # enrollment part only
 
 Two `tiny` models are trained on the CPU (the `msn-edge train` command, whatever its
 recipe is today) and exported to bundles (`msn-edge export`):
@@ -38,7 +39,7 @@ from msn_edge.metrics import auc
 from msn_edge.runtime.bundle import read_bundle
 from msn_edge.runtime.detector import Detector
 from msn_edge.runtime.engines import make_engine
-from msn_edge.runtime.enroll import enroll
+from msn_edge.runtime.enroll import OFF_DISTRIBUTION_RATIO, enroll
 from msn_edge.runtime.enroll_feed import file_feed
 from msn_edge.runtime.enroll_fit import EnrollOptions
 from msn_edge.synth import KINDS, synthesize
@@ -62,6 +63,7 @@ class Row:
     auc_first_shot: dict[str, float]  # enrolled minutes ("all") -> AUC, model trained without X
     enroll_s: float  # wall time of enrolling all of X's clips
     enroll_audio_s: float
+    score_ratio: float  # median normal score / the model's median threshold (the warning's)
     warnings: list[str]
 
 
@@ -71,24 +73,27 @@ def _link(files: list[Path], folder: Path) -> None:
         (folder / f.name).symlink_to(f.resolve())
 
 
-def build_data(work: Path) -> dict[str, tuple[list[Path], list[Path]]]:
+def build_data(work: Path, reuse: bool) -> dict[str, tuple[list[Path], list[Path]]]:
     """Synthesize, then the two training sets as folders of links; held-out machines'
-    (train clips, test clips)."""
+    (train clips, test clips). `reuse`: the data of an earlier run is there."""
     src = work / "synth"
-    synthesize(src, seed=0, kinds=KINDS, ids_per_kind=IDS, n_train=N_TRAIN,
-               n_test_normal=N_TEST, n_test_anomaly=N_TEST)  # fmt: skip
+    if not reuse:
+        synthesize(src, seed=0, kinds=KINDS, ids_per_kind=IDS, n_train=N_TRAIN,
+                   n_test_normal=N_TEST, n_test_anomaly=N_TEST)  # fmt: skip
     held: dict[str, tuple[list[Path], list[Path]]] = {}
     held_id = f"id_{IDS - 1:02d}"
     for kind in KINDS:
         train = sorted((src / kind / "train").glob("*.wav"))
-        _link(train, work / "with" / kind / "train")
-        _link([p for p in train if held_id not in p.name], work / "without" / kind / "train")
+        if not reuse:
+            _link(train, work / "with" / kind / "train")
+            _link([p for p in train if held_id not in p.name], work / "without" / kind / "train")
         test = sorted((src / kind / "test").glob(f"*_{held_id}_*.wav"))
         held[f"{kind}/{held_id}"] = ([p for p in train if held_id in p.name], test)
     if MIMII.is_dir():
         train = sorted((MIMII / "train").glob("*.wav"))
-        _link(train, work / "with" / "mimii_fan" / "train")  # its own type: no clash with
-        held["mimii_fan/id_00"] = (train, sorted((MIMII / "test").glob("*.wav")))  # synth fan
+        if not reuse:  # its own type folder: no clash with the synthetic fan/id_00
+            _link(train, work / "with" / "mimii_fan" / "train")
+        held["mimii_fan/id_00"] = (train, sorted((MIMII / "test").glob("*.wav")))
     else:
         print(f"note: {MIMII} not found; the MIMII fan row is left out", file=sys.stderr)
     return held
@@ -155,8 +160,8 @@ def to_markdown(rows: list[Row], meta: dict) -> str:
         "",
         "| machine X | train clips | test normal + anomaly | AUC with X | "
         + " | ".join(f"first shot, {c}" for c in cols)
-        + " | enroll time per min of audio |",
-        "|---|---|---|---|" + "---|" * len(cols) + "---|",
+        + " | normal score ratio | enroll time per min of audio |",
+        "|---|---|---|---|" + "---|" * len(cols) + "---|---|",
     ]
     for r in rows:
         per_min = r.enroll_s / (r.enroll_audio_s / 60)
@@ -164,7 +169,7 @@ def to_markdown(rows: list[Row], meta: dict) -> str:
             f"| {r.machine} | {r.train_clips} | {r.test_normal} + {r.test_anomaly} | "
             f"{100 * r.auc_with:.1f} | "
             + " | ".join(f"{100 * r.auc_first_shot[c]:.1f}" for c in cols)
-            + f" | {per_min:.2f} s |"
+            + f" | {r.score_ratio:.2f} | {per_min:.2f} s |"
         )
     if rows:
         mean_with = np.mean([r.auc_with for r in rows])
@@ -172,11 +177,18 @@ def to_markdown(rows: list[Row], meta: dict) -> str:
         lines.append(
             f"| **mean** | | | **{100 * mean_with:.1f}** | "
             + " | ".join(f"**{100 * m:.1f}**" for m in means)
-            + " | |"
+            + " | | |"
         )
     lines += ["", "Enrollment warnings (first shot, all clips):", ""]
     lines += [f"- {r.machine}: {'; '.join(r.warnings) or 'none'}" for r in rows]
     lines += [
+        "",
+        "*normal score ratio*: the median held-out score of X's normal clips over the median "
+        "threshold of the bundle's trained groups; `enroll` warns above "
+        f"{OFF_DISTRIBUTION_RATIO:g} that the model may not suit the machine. "
+        "*enroll time*: wall time of `enroll` (reading the clips, front-end, model, "
+        "k-means, calibration, writing and verifying the bundle) per minute of audio, "
+        "ONNX Runtime on the CPU.",
         "",
         "With 10 normal + 10 anomalous test clips, one standard error of an AUC near 0.8 is "
         "about 0.07; differences below that are noise.",
@@ -191,22 +203,30 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, help="working folder [default: a temporary one]")
     parser.add_argument("--keep", action="store_true", help="keep the working folder")
+    parser.add_argument(
+        "--reuse", action="store_true", help="reuse --work's data and bundles (a --keep run)"
+    )
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     work = args.work or Path(tempfile.mkdtemp(prefix="first-shot-"))
-    if work.exists() and any(work.iterdir()):
+    if args.reuse:
+        if not (work / "with.msn").is_file() or not (work / "without.msn").is_file():
+            sys.exit(f"{work}: no bundles of an earlier run to --reuse")
+        previous = json.loads(args.results.with_suffix(".json").read_text())["meta"]
+        args.epochs, args.seed = previous["epochs"], previous["seed"]
+    elif work.exists() and any(work.iterdir()):
         sys.exit(f"{work}: not empty; give a new --work folder")
     work.mkdir(parents=True, exist_ok=True)
     load_before = load()
     try:
-        held = build_data(work)
-        train_s = {}
-        bundles = {}
-        for name in ("with", "without"):
+        held = build_data(work, args.reuse)
+        train_s = previous["train_s"] if args.reuse else {}
+        bundles = {name: work / f"{name}.msn" for name in ("with", "without")}
+        for name in () if args.reuse else bundles:
             t = time.perf_counter()
-            bundles[name] = train_and_export(work, name, args.epochs, args.seed)
+            train_and_export(work, name, args.epochs, args.seed)
             train_s[name] = time.perf_counter() - t
         rows = []
         for machine, (train, test) in held.items():
@@ -221,6 +241,7 @@ def main() -> None:
                     auc_first_shot=aucs,
                     enroll_s=seconds,
                     enroll_audio_s=result.record["seconds"],
+                    score_ratio=result.record["checks"]["ratio"],
                     warnings=result.warnings,
                 )
             )

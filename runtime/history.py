@@ -69,9 +69,12 @@ def _how(calibration: dict) -> str:
         rule = f"quantile {calibration['quantile']:g}"
     else:
         rule = ""
-    n = calibration.get("n_clips", calibration.get("n_windows"))
-    counted = f" of {n} held-out" if n is not None and method != "max_times_margin" else ""
-    return f"{method}{counted}{', ' + rule if rule else ''}"
+    n = calibration.get("n_clips")
+    if n is not None and method == "leave-one-out":
+        method += f" over {n}"
+    elif n is not None and method == "holdout":
+        method += f" of {n}"
+    return f"{method}{', ' + rule if rule else ''}"
 
 
 def record_line(r: dict) -> str:
