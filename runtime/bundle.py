@@ -168,11 +168,13 @@ def write_bundle(
     metadata: dict | None = None,
     model_int8_onnx: bytes | None = None,
     model_int8_cpu_onnx: bytes | None = None,
+    enrollments: list[dict] | None = None,
 ) -> Path:
     """Write a bundle atomically: a temporary file beside `path`, then a rename.
 
     The inputs are validated with the reader's own checks, so an invalid bundle is never
-    written.
+    written. `enrollments` is the audit trail of `msn-edge enroll` (runtime/history.py),
+    written only when there is one.
     """
     path = Path(path)
     _check_prototypes(prototypes, str(path))
@@ -206,6 +208,8 @@ def write_bundle(
         "trained_on": trained_on,
         "metadata": metadata or {},
     }
+    if enrollments:
+        manifest["enrollments"] = enrollments
     manifest_bytes = json.dumps(manifest, indent=2, allow_nan=False).encode()
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
