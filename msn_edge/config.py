@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from msn_edge.runtime.frontend import FrontendConfig
+from msn_edge.runtime.prototypes import CALIBRATION_FRACTION, N_CLUSTERS, THRESHOLD_QUANTILE
 
 INPUT_SCALES = ("linear", "log")
 
@@ -91,9 +92,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ScoringConfig:
-    n_clusters: int = 16  # k-means prototypes per group on source-domain embeddings
-    calibration_fraction: float = 0.2  # normal train clips held out to calibrate the threshold
-    threshold_quantile: float = 0.95  # threshold = this quantile of held-out normal scores
+    # Defaults shared with `msn-edge enroll` (runtime/prototypes.py has their reasons).
+    n_clusters: int = N_CLUSTERS  # k-means prototypes per group on source-domain embeddings
+    calibration_fraction: float = CALIBRATION_FRACTION  # train clips held out for calibration
+    threshold_quantile: float = THRESHOLD_QUANTILE  # of held-out normal scores
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.cluster import KMeans
 
 from msn_edge.config import Config, ScoringConfig
 from msn_edge.datasets import Clip
@@ -29,10 +28,9 @@ from msn_edge.inference import embed_clips
 from msn_edge.model import MSN
 from msn_edge.runtime.bundle import ScoringGroup
 from msn_edge.runtime.errors import DatasetError, MsnEdgeError
+from msn_edge.runtime.prototypes import MIN_HOLDOUT, group_prototypes
 from msn_edge.runtime.scorer import anomaly_scores
 
-KMEANS_N_INIT = 10  # fixed restarts: the same seed gives the same prototypes
-MIN_HOLDOUT = 10  # fewer held-out clips than this -> leave-one-out over the whole group
 SCORING_FORMAT = 1
 PROTOTYPES_FILE = "scoring.npz"
 GROUPS_FILE = "scoring.json"
@@ -55,32 +53,6 @@ class Scoring:
     def prototypes_of(self, name: str) -> np.ndarray:
         g = self.group(name)
         return self.prototypes[g.start : g.stop]
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norm, np.finfo(np.float32).tiny)).astype(np.float32)
-
-
-def group_prototypes(
-    emb: np.ndarray, domains: Sequence[str], n_clusters: int, seed: int
-) -> np.ndarray:
-    """k-means of the source-domain rows (re-normalised), then every target-domain row.
-
-    Clips without a domain (DCASE 2020, plain folders) count as source. k is capped at
-    the number of distinct source rows, so small groups get one prototype per clip.
-    """
-    target = np.asarray(domains) == "target"
-    source = emb[~target]
-    parts = []
-    distinct = np.unique(source, axis=0)
-    if len(distinct) > n_clusters:
-        km = KMeans(n_clusters=n_clusters, n_init=KMEANS_N_INIT, random_state=seed).fit(source)
-        parts.append(_unit(km.cluster_centers_))
-    elif len(distinct):
-        parts.append(_unit(distinct))  # k = n: k-means would return the points themselves
-    parts.append(_unit(emb[target]))
-    return np.concatenate(parts).astype(np.float32)
 
 
 def split_holdout(domains: Sequence[str], fraction: float, seed: int) -> np.ndarray:

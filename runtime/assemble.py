@@ -9,12 +9,17 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from msn_edge.runtime.bundle import read_bundle
-from msn_edge.runtime.detector import SharedEngine, check_model_fits
+from msn_edge.runtime.detector import Detector, SharedEngine, check_model_fits
 from msn_edge.runtime.engines import make_engine
+from msn_edge.runtime.enroll import EnrollResult, enroll_first
+from msn_edge.runtime.errors import MsnEdgeError
 from msn_edge.runtime.monitor import Input, Monitor, Observer, Stream, pumped
 from msn_edge.runtime.monitor_config import MonitorConfig, open_source
+from msn_edge.runtime.sources import Source
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,63 @@ def open_engines(config: MonitorConfig, stack: contextlib.ExitStack) -> dict[tup
     return engines
 
 
+@dataclass
+class Opened:
+    """Engines (by engine_key) and sources (by input name) opened before the monitor."""
+
+    engines: dict[tuple, SharedEngine] | None = None
+    sources: dict[str, Source] = field(default_factory=dict)
+
+
+def enroll_first_config(
+    config: MonitorConfig,
+    stack: contextlib.ExitStack,
+    minutes: float,
+    *,
+    stop_on_signals: Callable[[Callable[[], None]], contextlib.AbstractContextManager],
+    out: Path | None = None,
+) -> tuple[MonitorConfig, Opened, EnrollResult]:
+    """`monitor --enroll-first`: listen to the one stream's input for `minutes`, enroll it
+    as the stream's group into a new bundle beside the old one, and hand back the config
+    on the new bundle with the engine and the still-open source: monitoring goes on with
+    the audio that follows the enrolled minutes, on the same engine (the models are the same).
+
+    `stop_on_signals(stop)`: a context in which SIGINT/SIGTERM call `stop` (the CLI's).
+    """
+    if len(config.streams) != 1:
+        raise MsnEdgeError(
+            f"--enroll-first enrolls one machine; this configuration has {len(config.streams)} "
+            "streams (give one --device or --input, one channel)"
+        )
+    (spec,) = config.streams
+    if spec.group is None:
+        raise MsnEdgeError("--enroll-first needs --group NAME: the machine it enrolls")
+    if config.inputs[spec.input].channels != 1:
+        raise MsnEdgeError("--enroll-first listens to a mono input; drop --channels")
+    bundle = read_bundle(spec.bundle)
+    engine = make_engine(bundle, spec.backend, precision=spec.precision, threads=spec.threads)
+    stack.callback(engine.close)
+    source = stack.enter_context(
+        open_source(config.inputs[spec.input], bundle.frontend.sample_rate)
+    )
+    with stop_on_signals(source.stop):
+        _, result = enroll_first(
+            Detector(bundle, engine),  # the new machine is no group of the bundle yet
+            source,
+            minutes,
+            group=spec.group,
+            hop_s=spec.hop_s,
+            threshold=spec.threshold,
+            out=out,
+        )
+    enrolled = replace(spec, bundle=result.path)
+    opened = Opened(
+        engines={enrolled.engine_key: SharedEngine(result.bundle, engine)},
+        sources={spec.input: source},
+    )
+    return replace(config, streams=[enrolled]), opened, result
+
+
 def open_monitor(
     config: MonitorConfig,
     sink: Callable[[dict], None],
@@ -46,9 +108,14 @@ def open_monitor(
     max_seconds: float | None = None,
     observer: Observer | None = None,
     tick: Callable[[], None] | None = None,
+    opened: Opened | None = None,
 ) -> Monitor:
-    """Open every engine and input of `config` and wire the streams; the caller runs it."""
-    engines = open_engines(config, stack)
+    """Open every engine and input of `config` and wire the streams; the caller runs it.
+
+    `opened`: engines and sources already open (`enroll_first_config`), used as they are.
+    """
+    opened = opened or Opened()
+    engines = opened.engines or open_engines(config, stack)
     streams: dict[str, list[tuple[int, Stream]]] = {name: [] for name in config.inputs}
     for spec in config.streams:
         engine = engines[spec.engine_key]
@@ -76,6 +143,8 @@ def open_monitor(
     inputs = []
     for name, members in used.items():
         rate = members[0][1].sample_rate
-        source = stack.enter_context(open_source(config.inputs[name], rate))
+        source = opened.sources.get(name)
+        if source is None:
+            source = stack.enter_context(open_source(config.inputs[name], rate))
         inputs.append(Input(source, members, pumped=pumped(source, len(used))))
     return Monitor(inputs, sink, policy=config.batch, observer=observer, tick=tick)

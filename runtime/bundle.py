@@ -181,8 +181,13 @@ def write_bundle(
     metadata: dict | None = None,
     model_int8_onnx: bytes | None = None,
     model_int8_cpu_onnx: bytes | None = None,
+    enrollments: list[dict] | None = None,
 ) -> Path:
-    """Write a new bundle from a model, its prototypes and scoring groups (see pack_bundle)."""
+    """Write a new bundle from a model, its prototypes and scoring groups (see pack_bundle).
+
+    `enrollments` is the audit trail of `msn-edge enroll` (runtime/history.py), written
+    only when there is one.
+    """
     path = Path(path)
     _check_prototypes(prototypes, str(path))
     _check_groups(groups, prototypes.shape[0], str(path))
@@ -211,6 +216,8 @@ def write_bundle(
         "trained_on": trained_on,
         "metadata": metadata or {},
     }
+    if enrollments:
+        manifest["enrollments"] = enrollments
     return pack_bundle(path, manifest, members)
 
 

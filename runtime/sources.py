@@ -75,6 +75,11 @@ class Source:
         """Make `read()` return None soon. Only sets a flag: safe in a signal handler."""
         self._stopping = True
 
+    @property
+    def stopped(self) -> bool:
+        """Whether `stop()` was called (a None from `read()` then is not the stream's end)."""
+        return self._stopping
+
     def close(self) -> None:
         """Release the file, pipe or device."""
 

@@ -31,6 +31,7 @@ from stream_helpers import RATE, Recorder, counter
 from toy_bundle import anomalous_signal, make_toy_bundle, normal_signal, toy_frontend
 
 from msn_edge.cli import main
+from msn_edge.runtime.bundle import read_bundle
 from msn_edge.runtime.capture import list_input_devices, open_device
 from msn_edge.runtime.detector import Detector
 from msn_edge.runtime.monitor import Input, Monitor, Stream, run_monitor
@@ -394,3 +395,26 @@ def test_cli_channels_option_names_one_stream_per_channel(tmp_path, toy):
     verdicts = {(e["stream"], e["verdict"]) for e in events}
     assert verdicts == {("msn4.ch0", "normal"), ("msn4.ch1", "anomalous")}
     assert len(events) == 4
+
+
+def test_enroll_from_a_real_alsa_device(tmp_path, monkeypatch, toy):
+    """`msn-edge enroll --device`: the PCM's first 9 s enroll exactly as the same WAV does."""
+    needs_arecord()
+    fe, rng = toy_frontend(), np.random.default_rng(11)
+    audio = np.concatenate([normal_signal(fe, rng) for _ in range(12)])
+    pcm = (audio * 32768).clip(-32768, 32767).astype(np.int16)
+    AlsaHome(tmp_path, pcm)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    runner, alsa, wav = CliRunner(), tmp_path / "alsa.msn", tmp_path / "wav.msn"
+    args = ["enroll", str(toy), "--group", "m", "--threads", "1", "--json"]
+    res = runner.invoke(main, [*args, "--device", "msntest", "--minutes", "0.15", "-o", str(alsa)])
+    assert res.exit_code == 0, res.output
+    record = json.loads(res.stdout)
+    assert record["source"] == "msntest" and record["seconds"] == 9.0
+    assert record["windows"]["used"] == 9 and record["gaps"] == 0
+    sf.write(tmp_path / "same.wav", pcm[: 9 * fe.window_samples], RATE, subtype="PCM_16")
+    res = runner.invoke(main, [*args, "--input", str(tmp_path / "same.wav"), "-o", str(wav)])
+    assert res.exit_code == 0, res.output
+    a, b = read_bundle(alsa), read_bundle(wav)
+    np.testing.assert_array_equal(a.prototypes, b.prototypes)
+    assert a.group("m").threshold == b.group("m").threshold

@@ -12,7 +12,7 @@ import click
 
 from msn_edge.cli import main
 from msn_edge.cli.common import FiniteFloat, setup_logging, user_errors
-from msn_edge.runtime.assemble import open_monitor
+from msn_edge.runtime.assemble import enroll_first_config, open_monitor
 from msn_edge.runtime.capture import CAPTURES, list_input_devices
 from msn_edge.runtime.engines import BACKENDS, PRECISIONS
 from msn_edge.runtime.errors import MsnEdgeError
@@ -259,6 +259,14 @@ def _config(
     metavar="ADDR",
     help="Address the metrics endpoint listens on [default: 0.0.0.0].",
 )
+@click.option(
+    "--enroll-first",
+    "enroll_minutes",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="MINUTES",
+    help="First listen this long to normal running and enroll it as --group into a new "
+    "bundle beside BUNDLE (see `msn-edge enroll`), then monitor with that.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logs.")
 @click.pass_context
 @user_errors
@@ -273,6 +281,7 @@ def monitor(
     max_wait: float | None,
     metrics_port: int | None,
     metrics_addr: str | None,
+    enroll_minutes: float | None,
     verbose: bool,
     **kw,
 ) -> None:
@@ -293,8 +302,13 @@ def monitor(
       msn-edge monitor fan.msn --input recording.wav --hop 5
       msn-edge monitor fan.msn --device hw:2,0 --channels 4 --mqtt mqtt://broker
       msn-edge monitor --config /etc/msn-edge/monitor.toml --metrics-port 9108
+      msn-edge monitor fan.msn --device plughw:1,0 --group fan/id_07 --enroll-first 5
     """
     setup_logging(verbose)
+    if enroll_minutes is not None and kw["group"] is None:
+        raise click.UsageError("--enroll-first needs --group NAME: the machine it enrolls")
+    if enroll_minutes is not None and config_path is not None:
+        raise click.UsageError("--enroll-first enrolls one --device or --input; not with --config")
     mqtt_kw = {k: kw.pop(k) for k in list(kw) if k.startswith("mqtt")}
     config = _config(ctx, bundle, config_path, **kw)
     config = with_outputs(
@@ -309,6 +323,12 @@ def monitor(
     notifier = Notifier.from_env()
     with contextlib.ExitStack() as stack:
         stack.callback(notifier.close)
+        opened = None
+        if enroll_minutes is not None:  # before any sink: a failed enrollment publishes nothing
+            notifier.ready(f"enrolling {kw['group']} for {enroll_minutes:g} min")
+            config, opened, _ = enroll_first_config(
+                config, stack, enroll_minutes, stop_on_signals=_stop_on_signals
+            )
         sinks: list[Callable[[dict], None]] = [
             stack.enter_context(contextlib.closing(EventSink(events_file=config.events_file)))
         ]
@@ -338,6 +358,7 @@ def monitor(
             max_seconds=duration,
             observer=observer,
             tick=notifier.ping,
+            opened=opened,
         )
         if metrics is not None:
             metrics.describe(mon)

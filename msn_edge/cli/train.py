@@ -153,20 +153,36 @@ def train(
 
 
 @main.command()
+@click.argument("bundle", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--preset",
     "preset_name",
     type=click.Choice(list(PRESETS)),
-    default="dcase2020",
-    show_default=True,
+    help="A preset's network [default: dcase2020 when no BUNDLE is given].",
 )
-def info(preset_name):
-    """Parameters and multiply-accumulates per window of a preset's MSN, per branch.
+@user_errors
+def info(bundle: Path | None, preset_name: str | None):
+    """A bundle's models, groups and enrollment history; or a preset's network size.
+
+    With BUNDLE (torch-free): its models, front-end, scoring groups with prototype counts
+    and thresholds, and every `msn-edge enroll` that made it. With --preset: parameters
+    and multiply-accumulates per window of that MSN, per branch.
 
     Example:
 
+    \b
+        msn-edge info fan.msn
         msn-edge info --preset tiny
     """
+    if bundle is not None:
+        if preset_name is not None:
+            raise click.UsageError("give a BUNDLE or --preset, not both")
+        from msn_edge.runtime.bundle import read_bundle
+        from msn_edge.runtime.history import describe
+
+        click.echo(describe(read_bundle(bundle)))
+        return
+    preset_name = preset_name or "dcase2020"
     from msn_edge.config import preset
     from msn_edge.model import MSN, count_macs
 
