@@ -34,7 +34,13 @@ def open_engines(config: MonitorConfig, stack: contextlib.ExitStack) -> dict[tup
             continue
         bundle = read_bundle(spec.bundle)
         bundle.group(spec.group)  # before a (slow) engine build
-        engine = make_engine(bundle, spec.backend, precision=spec.precision, threads=spec.threads)
+        engine = make_engine(
+            bundle,
+            spec.backend,
+            precision=spec.precision,
+            threads=spec.threads,
+            allow_not_recommended=spec.allow_not_recommended,
+        )
         stack.callback(engine.close)
         check_model_fits(bundle, engine)  # a window the model cannot take: one clear error
         engines[key] = SharedEngine(bundle, engine)
@@ -76,7 +82,13 @@ def enroll_first_config(
     if config.inputs[spec.input].channels != 1:
         raise MsnEdgeError("--enroll-first listens to a mono input; drop --channels")
     bundle = read_bundle(spec.bundle)
-    engine = make_engine(bundle, spec.backend, precision=spec.precision, threads=spec.threads)
+    engine = make_engine(
+        bundle,
+        spec.backend,
+        precision=spec.precision,
+        threads=spec.threads,
+        allow_not_recommended=spec.allow_not_recommended,
+    )
     stack.callback(engine.close)
     source = stack.enter_context(
         open_source(config.inputs[spec.input], bundle.frontend.sample_rate)

@@ -114,6 +114,12 @@ class Bundle:
         """The int8 model ONNX Runtime's CPU kernels run best; format-1 bundles have one."""
         return self.model_bytes("int8-cpu" if "int8-cpu" in self._models else "int8")
 
+    def not_recommended(self, variant: str) -> str | None:
+        """Why the export marked this model variant not recommended, or None."""
+        marked = self.manifest.get("metadata", {}).get("not_recommended", {})
+        why = marked.get(variant) if isinstance(marked, dict) else None
+        return str(why) if why else None
+
     @property
     def variants(self) -> list[str]:
         """The model variants the bundle holds, in MODEL_MEMBERS order."""

@@ -345,12 +345,14 @@ def make_engine(
     precision: str = "fp32",
     threads: int | None = None,
     cache_dir: Path | None = None,
+    allow_not_recommended: bool = False,
 ) -> Engine:
     """The engine for `backend` at `precision`; BackendError with an install hint if missing.
 
     precision "fp32" and "int8" pick the bundle's fp32 / Q/DQ model (on the CPU its CPU
     int8 model where it has one); "fp16" builds the fp32 model in half precision and so
-    needs a TensorRT backend.
+    needs a TensorRT backend. An int8 model that the export marked not recommended (it
+    lost accuracy) is refused unless `allow_not_recommended`.
     """
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
@@ -369,6 +371,14 @@ def make_engine(
             f"precision fp16 needs a TensorRT backend ({' or '.join(TENSORRT_BACKENDS)}); "
             f"on {backend} use fp32 or int8"
         )
+    if precision == "int8" and not allow_not_recommended:
+        variant = "int8-cpu" if backend == "cpu" and "int8-cpu" in bundle.variants else "int8"
+        why = bundle.not_recommended(variant)
+        if why:
+            raise BackendError(
+                f"{bundle.path}: the export marked its {variant} model not recommended ({why}); "
+                "run fp32, or pass --allow-not-recommended"
+            )
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(bundle.path)
     if backend == "tensorrt":
         from msn_edge.runtime.tensorrt_engine import TensorRTEngine

@@ -91,6 +91,7 @@ class StreamSpec:
     backend: str = "auto"
     precision: str = "fp32"
     threads: int | None = None
+    allow_not_recommended: bool = False  # an int8 model the export marked not recommended
 
     @property
     def engine_key(self) -> tuple:
@@ -219,6 +220,7 @@ _STREAM_TYPES = {
     "backend": str,
     "precision": str,
     "threads": int,
+    "allow_not_recommended": bool,
 }
 
 

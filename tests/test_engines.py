@@ -12,8 +12,11 @@ from types import SimpleNamespace
 import numpy as np
 import onnx
 import pytest
+import soundfile as sf
+from click.testing import CliRunner
 from toy_bundle import ToyModel, anomalous_signal, make_toy_bundle, normal_signal
 
+from msn_edge.cli import main
 from msn_edge.runtime import engines
 from msn_edge.runtime import tensorrt_engine as trt_engine
 from msn_edge.runtime.bundle import read_bundle
@@ -182,6 +185,28 @@ def test_int8_precision(toy, batch, tmp_path):
     plain = read_bundle(make_toy_bundle(tmp_path / "plain.msn"))
     with pytest.raises(BundleError, match=r"plain\.msn: the bundle has no int8 model"):
         make_engine(plain, "cpu", precision="int8")
+
+
+def test_int8_marked_not_recommended_is_refused_unless_allowed(tmp_path, batch):
+    why = "AUC 3.0 points below fp32's (80.00 vs 83.00 on the export's evaluation data)"
+    path = make_toy_bundle(tmp_path / "marked.msn", int8=True, not_recommended={"int8": why})
+    marked = read_bundle(path)
+    assert marked.not_recommended("int8") == why and marked.not_recommended("fp32") is None
+    with pytest.raises(BackendError, match=r"marked its int8 model not recommended \(AUC 3\.0"):
+        make_engine(marked, "cpu", precision="int8")
+    make_engine(marked, "cpu").embed(*batch)  # fp32 is fine
+    engine = make_engine(marked, "cpu", precision="int8", allow_not_recommended=True)
+    assert engine.precision == "int8" and engine.embed(*batch).shape[0] == len(batch[0])
+    # The monitor says so in one line, and runs it when told to.
+    wave = tmp_path / "w.wav"
+    sf.write(wave, np.zeros(16_000 * 3, dtype=np.int16) + 100, 16_000, subtype="PCM_16")
+    args = ["monitor", str(path), "--input", str(wave), "--backend", "cpu", "--precision", "int8"]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code != 0 and "Traceback" not in refused.output
+    assert "not recommended" in refused.stderr and "--allow-not-recommended" in refused.stderr
+    allowed = CliRunner().invoke(main, [*args, "--allow-not-recommended"])
+    assert allowed.exit_code == 0, allowed.output
+    assert sum('"event": "window"' in line for line in allowed.stdout.splitlines()) == 3
 
 
 @pytest.mark.gpu

@@ -171,6 +171,7 @@ def make_toy_bundle(
     dim: int = 32,
     groups: tuple[str, ...] = ("toy",),
     int8: bool = False,
+    not_recommended: dict[str, str] | None = None,
 ) -> Path:
     """Write a toy bundle: one block of N_PROTOTYPES prototypes and a threshold per group."""
     frontend = toy_frontend(window_s)
@@ -216,5 +217,9 @@ def make_toy_bundle(
         groups=scoring_groups,
         frontend=frontend,
         trained_on={"n_clips": N_PROTOTYPES * len(groups), "n_groups": len(groups)},
-        metadata={"preset": "toy", "model": {"kind": "toy", "dim": dim, "seed": seed}},
+        metadata={
+            "preset": "toy",
+            "model": {"kind": "toy", "dim": dim, "seed": seed},
+            "not_recommended": not_recommended or {},
+        },
     )

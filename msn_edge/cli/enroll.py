@@ -117,7 +117,7 @@ def enroll_command(
     )
     hop = options.hop(parent.frontend)
     check_output(parent.path, output, force=force)  # before minutes of listening
-    engine = make_engine(parent, backend, precision=precision, threads=threads)
+    engine = make_engine(parent, backend, precision=precision, threads=threads)  # fp32 default
     with contextlib.ExitStack() as stack:
         stack.callback(engine.close)
         if device is not None:

@@ -64,7 +64,16 @@ class Fanout:
             sink(event)
 
 
-STREAM_OPTIONS = ("hop_s", "alarm_after", "backend", "precision", "threads", "threshold", "group")
+STREAM_OPTIONS = (
+    "hop_s",
+    "alarm_after",
+    "backend",
+    "precision",
+    "threads",
+    "threshold",
+    "group",
+    "allow_not_recommended",
+)
 
 
 def _config(
@@ -191,6 +200,12 @@ def _config(
     default="fp32",
     show_default=True,
     help="Model precision: int8 needs a bundle with an int8 model, fp16 a TensorRT backend.",
+)
+@click.option(
+    "--allow-not-recommended",
+    is_flag=True,
+    help="Run an int8 model even though the export marked it not recommended (it lost "
+    "more than 1 AUC point against fp32).",
 )
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for inference.")
 @click.option(
