@@ -236,7 +236,10 @@ def report(results: dict[str, list[Outcome]], meta: dict) -> str:
         head = ["system", "official"]
         head += [f"{t} {m}" for t in types for m in metrics] + ["training s", "within cos"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for system in SYSTEMS:
+        systems = sorted(
+            {o.system for o in outcomes}, key=lambda n: (SYSTEMS.index(n.split()[0]), n)
+        )
+        for system in systems:
             mine = [o for o in outcomes if o.system == system]
             if not mine:
                 continue
@@ -252,11 +255,13 @@ def report(results: dict[str, list[Outcome]], meta: dict) -> str:
         with_int8 = [o for o in outcomes if o.variants]
         if with_int8:
             lines += ["", "Exported MSN models on the same test clips (official score):", ""]
-            lines += ["| model | official | vs fp32 |", "|---|---|---|"]
-            for v in VARIANTS:
-                drops = [o.variants[v] - o.variants["fp32"] for o in with_int8]
-                cells = [v, _mean_std([o.variants[v] for o in with_int8]), _mean_std(drops)]
-                lines.append("| " + " | ".join(cells) + " |")
+            lines += ["| system | model | official | vs fp32 |", "|---|---|---|---|"]
+            for system in sorted({o.system for o in with_int8}):
+                mine = [o for o in with_int8 if o.system == system]
+                for v in VARIANTS:
+                    drops = [o.variants[v] - o.variants["fp32"] for o in mine]
+                    cells = [system, v, _mean_std([o.variants[v] for o in mine]), _mean_std(drops)]
+                    lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -273,7 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--preset", default="tiny", help="MSN preset (tiny on a CPU)")
     ap.add_argument("--epochs", type=int, default=None, help="[default: the preset's]")
-    ap.add_argument("--recipe", choices=sorted(RECIPES), help="[default: the preset's]")
+    ap.add_argument(
+        "--recipes",
+        nargs="+",
+        choices=sorted(RECIPES),
+        default=list(RECIPES),
+        help="train MSN with each of these recipes (msn-edge train --recipe) [default: all]",
+    )
     ap.add_argument(
         "--override",
         action="append",
@@ -292,8 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--report-from",
         nargs="+",
-        type=Path,
-        metavar="JSON",
+        metavar="JSON[:RECIPE]",
         help="only write the report from --json files of earlier runs "
         "(e.g. data sets run in parallel)",
     )
@@ -302,19 +312,23 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.msn_run and (not args.data or len(args.seeds) != 1):
-        ap.error("--msn-run goes with --data and a single --seeds value")
+    if args.msn_run and (not args.data or len(args.seeds) != 1 or len(args.recipes) != 1):
+        ap.error("--msn-run goes with --data, one --seeds value and the run's one --recipes")
     if args.report_from:
         merged: dict[str, list[Outcome]] = {}
         meta: dict = {}
-        for path in args.report_from:
-            saved = json.loads(path.read_text())
+        for item in args.report_from:
+            path, _, label = str(item).partition(":")
+            saved = json.loads(Path(path).read_text())
             meta = {
                 **saved["meta"],
                 "skipped": {**meta.get("skipped", {}), **saved["meta"]["skipped"]},
             }
             for name, outcomes in saved["results"].items():
-                merged.setdefault(name, []).extend(Outcome(**o) for o in outcomes)
+                for o in outcomes:
+                    if label and o["system"] == "msn":  # runs made before recipes were named
+                        o = {**o, "system": f"msn ({label})"}
+                    merged.setdefault(name, []).append(Outcome(**o))
         (args.out or RESULTS).write_text(report(merged, meta))
         return 0
 
@@ -338,15 +352,21 @@ def main(argv: list[str] | None = None) -> int:
                 if min(n_normal, n_anomaly) < MIN_TEST_CLIPS:
                     skipped[name] = f"{n_normal} normal / {n_anomaly} anomalous test clips"
                     break
-                cfg = _config(args.preset, seed, args.epochs, args.recipe, args.override)
                 run_root = work / "runs" / name / f"seed{seed}"
-                for system in args.systems:
-                    log.info("%s, seed %d: %s", name, seed, system)
+                # MSN once per recipe; the untrained reference with the first recipe.
+                jobs = [
+                    (system, recipe)
+                    for system in args.systems
+                    for recipe in (args.recipes if system == "msn" else args.recipes[:1])
+                ]
+                for system, recipe in jobs:
+                    log.info("%s, seed %d: %s (%s)", name, seed, system, recipe)
                     if system == "autoencoder":
                         outcome = run_autoencoder(data, seed)
                     else:
+                        cfg = _config(args.preset, seed, args.epochs, recipe, args.override)
                         trained = system == "msn"
-                        run = run_root / system
+                        run = run_root / f"{system}-{recipe}"
                         if trained and args.msn_run:
                             run = args.msn_run
                         outcome = run_msn(
@@ -357,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
                             int8=not args.no_int8,
                             threads=args.threads,
                         )
+                        if trained:
+                            outcome.system = f"msn ({recipe})"
                     log.info("  official %.1f %%", 100 * outcome.official)
                     results[name].append(outcome)
         if not args.data:
@@ -367,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = {
             "preset": args.preset,
             "epochs": args.epochs or "preset",
-            "recipe": args.recipe or "preset",
+            "recipes": args.recipes,
             "overrides": args.override,
             "seeds": args.seeds,
             "synthetic test clips per ID": f"{SYNTH_TEST_CLIPS} normal + {SYNTH_TEST_CLIPS} "
