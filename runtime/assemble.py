@@ -18,10 +18,21 @@ from msn_edge.runtime.engines import make_engine
 from msn_edge.runtime.enroll import EnrollResult, enroll_first
 from msn_edge.runtime.errors import MsnEdgeError
 from msn_edge.runtime.monitor import Input, Monitor, Observer, Stream, pumped
-from msn_edge.runtime.monitor_config import MonitorConfig, open_source
+from msn_edge.runtime.monitor_config import MonitorConfig, StreamSpec, open_source
 from msn_edge.runtime.sources import Source
 
 log = logging.getLogger(__name__)
+
+
+def _engine(bundle, spec: StreamSpec):
+    """The engine a stream's spec asks for (backend, precision, threads)."""
+    return make_engine(
+        bundle,
+        spec.backend,
+        precision=spec.precision,
+        threads=spec.threads,
+        allow_not_recommended=spec.allow_not_recommended,
+    )
 
 
 def open_engines(config: MonitorConfig, stack: contextlib.ExitStack) -> dict[tuple, SharedEngine]:
@@ -34,13 +45,7 @@ def open_engines(config: MonitorConfig, stack: contextlib.ExitStack) -> dict[tup
             continue
         bundle = read_bundle(spec.bundle)
         bundle.group(spec.group)  # before a (slow) engine build
-        engine = make_engine(
-            bundle,
-            spec.backend,
-            precision=spec.precision,
-            threads=spec.threads,
-            allow_not_recommended=spec.allow_not_recommended,
-        )
+        engine = _engine(bundle, spec)
         stack.callback(engine.close)
         check_model_fits(bundle, engine)  # a window the model cannot take: one clear error
         engines[key] = SharedEngine(bundle, engine)
@@ -82,13 +87,7 @@ def enroll_first_config(
     if config.inputs[spec.input].channels != 1:
         raise MsnEdgeError("--enroll-first listens to a mono input; drop --channels")
     bundle = read_bundle(spec.bundle)
-    engine = make_engine(
-        bundle,
-        spec.backend,
-        precision=spec.precision,
-        threads=spec.threads,
-        allow_not_recommended=spec.allow_not_recommended,
-    )
+    engine = _engine(bundle, spec)
     stack.callback(engine.close)
     source = stack.enter_context(
         open_source(config.inputs[spec.input], bundle.frontend.sample_rate)
