@@ -424,6 +424,8 @@ class _Run:
         """`epochs`, or more where the data is so small that they make fewer than
         `min_steps` optimizer steps (a batch of 64 over 55 clips is one step an epoch)."""
         tc = self.config.train
+        if tc.epochs == 0:  # asked for the initial weights (an untrained reference)
+            return 0
         per_epoch = max(1, -(-n_items // tc.batch_size))
         epochs = max(tc.epochs, -(-tc.min_steps // per_epoch))
         if epochs > tc.epochs:

@@ -431,3 +431,20 @@ def test_cli_info_matches_the_spec():
     branches = ("spectrogram", "spectrum", "scanning", "fusion")
     assert sum(int(rows[b][1].replace(",", "")) for b in branches) == macs
     assert sum(int(rows[b][0].replace(",", "")) for b in branches) == params
+
+
+def test_min_steps_grow_the_epochs_but_zero_epochs_stay_untrained(data, tmp_path):
+    """24 clips in batches of 8 make 3 steps an epoch: min_steps 7 needs 3 epochs; 0 epochs
+    is the initial network (the learning test's reference), whatever min_steps says."""
+    grown = train(
+        [data],
+        tmp_path / "a",
+        small_config(epochs=1, min_steps=7),
+        progress=False,
+        fit_scoring=False,
+    )
+    assert grown.epoch == 3 and len(grown.losses) == 3
+    untrained = train([data], tmp_path / "b", small_config(epochs=0, min_steps=7), progress=False)
+    assert untrained.epoch == 0 and untrained.losses == [] and untrained.scoring_fitted
+    state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 0
