@@ -32,7 +32,7 @@ from msn_edge.prototypes import (
 )
 from msn_edge.runtime.bundle import ScoringGroup
 from msn_edge.runtime.errors import DatasetError
-from msn_edge.runtime.filescore import FileResult, file_windows, judge_file
+from msn_edge.runtime.filescore import FileResult, score_file
 from msn_edge.runtime.scorer import anomaly_scores
 
 log = logging.getLogger(__name__)
@@ -328,20 +328,12 @@ class RunScorer:
     ) -> FileResult:
         """A whole file, every window of it, as the bundle's Detector (runtime.filescore)."""
         fe = self.run.config.frontend
-        frames, windows = file_windows(
-            path,
-            fe.sample_rate,
-            fe.window_samples,
-            downmix=downmix,
-            resample=resample,
-            flags=True,
-        )
         prototypes = self.scoring.prototypes_of(self.group.name)
 
         def score_batch(batch: np.ndarray) -> list[float]:
             emb = embed_clips(self.run.model, list(batch), fe, device=self.device)
             return [float(s) for s in anomaly_scores(emb, prototypes)]
 
-        return judge_file(
-            windows, frames, fe.sample_rate, fe.window_samples, self.group.threshold, score_batch
+        return score_file(
+            path, fe, self.group.threshold, score_batch, downmix=downmix, resample=resample
         )

@@ -17,7 +17,7 @@ from msn_edge.runtime.audio import unjudgeable
 from msn_edge.runtime.bundle import Bundle, read_bundle
 from msn_edge.runtime.engines import Engine, make_engine
 from msn_edge.runtime.errors import AudioError, BackendError, BundleError
-from msn_edge.runtime.filescore import FileResult, file_windows, judge_file
+from msn_edge.runtime.filescore import FileResult, score_file
 from msn_edge.runtime.frontend import check_length, features
 from msn_edge.runtime.scorer import Scorer
 
@@ -219,20 +219,11 @@ class Detector:
         self, path: str | Path, *, downmix: bool = False, resample: bool = False
     ) -> FileResult:
         """A whole file, every window of it (see runtime.filescore)."""
-        fe = self.frontend
-        frames, windows = file_windows(
+        return score_file(
             path,
-            fe.sample_rate,
-            fe.window_samples,
-            downmix=downmix,
-            resample=resample,
-            flags=True,
-        )
-        return judge_file(
-            windows,
-            frames,
-            fe.sample_rate,
-            fe.window_samples,
+            self.frontend,
             self.threshold,
             lambda batch: [s.score for s in self.score_batch(batch)],
+            downmix=downmix,
+            resample=resample,
         )

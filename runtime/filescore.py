@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from msn_edge.runtime.audio import AudioFile, read_audio, unjudgeable
-from msn_edge.runtime.frontend import fit_window
+from msn_edge.runtime.frontend import FrontendConfig, fit_window
 
 BATCH = 8  # windows scored together
 
@@ -161,4 +161,27 @@ def judge_file(
         worst_start_s=worst_start / sample_rate,
         duration_s=frames / sample_rate,
         tiled=frames < window,
+    )
+
+
+def score_file(
+    path: str | Path,
+    frontend: FrontendConfig,
+    threshold: float,
+    score_batch: ScoreBatch,
+    *,
+    downmix: bool = False,
+    resample: bool = False,
+) -> FileResult:
+    """A whole file judged window by window: what `score` does with a bundle or a run."""
+    frames, windows = file_windows(
+        path,
+        frontend.sample_rate,
+        frontend.window_samples,
+        downmix=downmix,
+        resample=resample,
+        flags=True,
+    )
+    return judge_file(
+        windows, frames, frontend.sample_rate, frontend.window_samples, threshold, score_batch
     )
