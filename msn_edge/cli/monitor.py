@@ -54,7 +54,9 @@ def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
 
 
 class Fanout:
-    """Hands every event to every sink, in order (stdout/file first: the durable record)."""
+    """Hands every event to every sink, in order: the metrics (in memory, cannot fail) first,
+    so that an event already printed is already counted; then stdout/file, the durable
+    record; then MQTT."""
 
     def __init__(self, sinks: list[Callable[[dict], None]]) -> None:
         self.sinks = sinks
@@ -364,7 +366,7 @@ def monitor(
             if metrics is not None:
                 metrics.watch_mqtt(mqtt)
         if metrics is not None:
-            sinks.append(metrics)
+            sinks.insert(0, metrics)
         mon = open_monitor(
             config,
             Fanout(sinks),
