@@ -34,14 +34,15 @@ from pathlib import Path
 
 import numpy as np
 
-from msn_edge.runtime.bench import measure_peak, synthetic_windows
+from msn_edge.benchmarks.measure import synthetic_windows
+from msn_edge.benchmarks.op_profile import graph_flops
+from msn_edge.benchmarks.peaks import measure_peak
 from msn_edge.runtime.bundle import read_bundle
 from msn_edge.runtime.detector import SharedEngine
 from msn_edge.runtime.engines import make_engine
 from msn_edge.runtime.frontend import features
 from msn_edge.runtime.monitor import Input, Monitor, Stream
 from msn_edge.runtime.monitor_config import BatchPolicy
-from msn_edge.runtime.profile import graph_flops
 from msn_edge.runtime.sources import LiveSource
 
 HERE = Path(__file__).resolve().parent

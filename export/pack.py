@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from msn_edge.benchmarks.measure import THREADS_IDLE_S
 from msn_edge.checkpoint import CHECKPOINT_FILE, LoadedRun, load_checkpoint
 from msn_edge.datasets import Clip, load_wave, scan
 from msn_edge.evaluate import run_dir_of
@@ -34,7 +35,6 @@ from msn_edge.export.quantize import Int8Config, quantize_int8
 from msn_edge.export.trt_support import tensorrt_problems
 from msn_edge.metrics import group_metrics, summarize
 from msn_edge.prototypes import Scoring, load_scoring, score_embeddings
-from msn_edge.runtime.bench import SETTLE_S
 from msn_edge.runtime.bundle import MODEL_MEMBERS, write_bundle
 from msn_edge.runtime.errors import DatasetError, MsnEdgeError
 from msn_edge.runtime.frontend import FrontendConfig, fit_window
@@ -230,7 +230,7 @@ def _latencies_ms(
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(1 + LATENCY_RUNS):  # the first round warms up: allocations, kernels
         for name, engine in engines.items():
-            time.sleep(SETTLE_S)
+            time.sleep(THREADS_IDLE_S)
             t = time.perf_counter()
             engine_embed(engine, [window], frontend)
             times[name].append(time.perf_counter() - t)

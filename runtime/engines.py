@@ -29,6 +29,7 @@ from msn_edge.runtime.gpu import (
     tensorrt_unsupported,
     tensorrt_version,
 )
+from msn_edge.runtime.ort_session import session_options
 
 try:  # the base install has none: the extra `cpu` or `gpu` chooses which (ort_install.py)
     import onnxruntime as ort
@@ -50,7 +51,6 @@ TENSORRT_BACKENDS = ("ort-tensorrt", "tensorrt")  # the only ones that can run f
 JETSON_HINT = "on a Jetson: docs/jetson.md"  # TensorRT and onnxruntime-gpu are not PyPI's there
 GPU_HINT = f"install msn-edge[gpu]; {JETSON_HINT}"
 TENSORRT_HINT = f"pip install msn-edge[tensorrt]; {JETSON_HINT}"
-_ORT_LOG_ERRORS_ONLY = 3  # ORT severity: 0 verbose ... 3 error; keep stderr for our logs
 _ORT_ERRORS = (
     (
         ort_state.Fail,
@@ -115,11 +115,7 @@ class OrtEngine(Engine):
             raise BackendError(f"threads must be at least 1, got {threads}")
         require_onnxruntime()
         self.max_batch = max_batch  # larger batches run in chunks (a TensorRT profile's max)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads or 0  # 0: ONNX Runtime uses every physical core
-        opts.inter_op_num_threads = 1  # the graph is one chain: parallelism lives inside ops
-        opts.log_severity_level = _ORT_LOG_ERRORS_ONLY
+        opts = session_options(threads=threads or 0)  # 0: every physical core
         try:
             self._session = ort.InferenceSession(model_bytes, opts, providers=providers)
         except _ORT_ERRORS as e:
@@ -263,9 +259,8 @@ def _pick_auto(reasons: dict[str, str | None], precision: str) -> str:
 
 def model_inputs(model: bytes) -> dict[str, tuple[int, ...]]:
     """Each input's name and its dimensions after the (dynamic) batch, from the model."""
-    opts = require_onnxruntime().SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # names only
-    opts.log_severity_level = _ORT_LOG_ERRORS_ONLY
+    require_onnxruntime()
+    opts = session_options(opt_level="disable")  # names only
     try:
         session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     except _ORT_ERRORS as e:
