@@ -8,7 +8,6 @@ import os
 import pkgutil
 import subprocess
 import sys
-import textwrap
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 from bench_helpers import make_bench_fast
 from click.testing import CliRunner
+from no_torch import TORCH_NOT_IMPORTED, no_torch_env
 from onnx import TensorProto, helper, numpy_helper
 from toy_bundle import make_toy_bundle
 
@@ -415,37 +415,11 @@ def test_cli_errors_are_one_line(tmp_path, toy):
     assert res.exit_code == 1 and "--iterations must be at least 1" in res.output
 
 
-BLOCK_TORCH = textwrap.dedent(
-    """
-    import sys
-
-    class _NoTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ModuleNotFoundError("No module named 'torch' (blocked)", name=name)
-            return None
-
-    sys.meta_path.insert(0, _NoTorch())
-    """
-)
-
-
 # The regeneration scripts beside the library; they may import torch (training, export).
 SCRIPTS = {"accuracy", "autoencoder", "capacity", "first_shot", "latency", "train_throughput"}
-NOT_TORCH = "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
 
 
-@pytest.fixture()
-def no_torch_env(tmp_path) -> dict:
-    """An environment whose Python processes cannot import torch (an edge box)."""
-    (tmp_path / "sitecustomize.py").write_text(BLOCK_TORCH)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
-    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True)
-    assert probe.returncode != 0, "the blocker must hide torch"
-    return env
-
-
-def test_bench_library_imports_without_torch(no_torch_env):
+def test_bench_library_imports_without_torch(tmp_path):
     """Every library module of msn_edge.benchmarks (not the scripts) and the bench CLI
     import on a box without torch, and none of them imports it."""
     import msn_edge.benchmarks
@@ -454,18 +428,20 @@ def test_bench_library_imports_without_torch(no_torch_env):
     assert {"cases", "eager", "peaks", "runner", "worker"} <= modules
     code = "import importlib, sys\n"
     code += "".join(f"importlib.import_module('msn_edge.benchmarks.{m}')\n" for m in modules)
-    code += "import msn_edge.cli.bench\n" + NOT_TORCH
+    code += "import msn_edge.cli.bench\n" + TORCH_NOT_IMPORTED
+    env = no_torch_env(tmp_path)
     res = subprocess.run(
-        [sys.executable, "-c", code], env=no_torch_env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
     )
     assert res.returncode == 0, res.stderr
 
 
-def test_bench_runs_where_torch_is_missing(toy, tmp_path, no_torch_env):
-    env = no_torch_env
+def test_bench_runs_where_torch_is_missing(toy, tmp_path):
+    env = no_torch_env(tmp_path)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    code = f"import sys\nfrom msn_edge.cli import main\ntry:\n    main()\nfinally:\n    {NOT_TORCH}"
+    code = "import sys\nfrom msn_edge.cli import main\ntry:\n    main()\nfinally:\n    "
+    code += TORCH_NOT_IMPORTED
     args = ["bench", str(toy), "--backend", "pytorch-eager", "--backend", "ort-cpu-fp32"]
     args += ["--iterations", "2", "--warmup", "0", "--threads", "1", "--checkpoint", str(run_dir)]
     res = subprocess.run(

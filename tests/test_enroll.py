@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import zipfile
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
+from no_torch import no_torch_env
 from toy_bundle import anomalous_signal, make_toy_bundle, toy_frontend
 
 from msn_edge.cli import main
@@ -38,17 +38,6 @@ from msn_edge.runtime.sources import Chunk, Source
 
 RATE = 16_000
 FE = toy_frontend()  # 1 s windows
-BLOCK_TORCH = """
-import sys
-
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ModuleNotFoundError("No module named 'torch' (blocked)", name=name)
-        return None
-
-sys.meta_path.insert(0, _NoTorch())
-"""
 
 
 @pytest.fixture(scope="module")
@@ -526,10 +515,7 @@ def test_monitor_enroll_first_fails_cleanly(toy, tmp_path):
 
 
 def test_enroll_runs_without_torch(toy, tmp_path):
-    (tmp_path / "sitecustomize.py").write_text(BLOCK_TORCH)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
-    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True)
-    assert probe.returncode != 0, "the blocker must hide torch"
+    env = no_torch_env(tmp_path)
     rec = write_wav(tmp_path / "m.wav", windows_of(10, seed=1))
     out = tmp_path / "edge.msn"
     code = (
