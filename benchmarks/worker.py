@@ -100,7 +100,7 @@ class Worker:
 # --- the worker's side: one backend serving timed calls ------------------------------
 
 
-def emit(obj: dict) -> None:
+def _emit(obj: dict) -> None:
     """One event to the parent."""
     print(json.dumps(obj), flush=True)
 
@@ -128,7 +128,7 @@ def _serve(bundle_path: str, case: Case, settings: BenchSettings, checkpoint: st
     waves = synthetic_windows(fe.window_samples, settings.batch, settings.seed)
     spec, spectrum = features(waves, fe)
     emb = engine.embed(spec[:1], spectrum[:1])
-    emit({"event": "first_score", "score": float(anomaly_scores(emb, bundle.prototypes)[0])})
+    _emit({"event": "first_score", "score": float(anomaly_scores(emb, bundle.prototypes)[0])})
     calls = {
         "1": lambda: engine.embed(spec[:1], spectrum[:1]),
         "n": lambda: engine.embed(spec, spectrum),
@@ -139,8 +139,8 @@ def _serve(bundle_path: str, case: Case, settings: BenchSettings, checkpoint: st
             break
         t0 = time.perf_counter_ns()
         calls[command]()
-        emit({"event": "t", "ns": time.perf_counter_ns() - t0})
-    emit(
+        _emit({"event": "t", "ns": time.perf_counter_ns() - t0})
+    _emit(
         {
             "event": "result",
             "engine": getattr(engine, "name", case.backend),
@@ -157,10 +157,10 @@ def main() -> None:
         if job["kind"] == "gemm":
             from msn_edge.benchmarks.peaks import gemm_job
 
-            emit(gemm_job(job["key"], job["threads"], job["size"]))
+            _emit(gemm_job(job["key"], job["threads"], job["size"]))
         else:
             settings = BenchSettings(**job["settings"])
             _serve(job["bundle"], Case(**job["case"]), settings, job["checkpoint"])
     except (MsnEdgeError, ImportError) as e:
-        emit({"event": "error", "reason": str(e)})
+        _emit({"event": "error", "reason": str(e)})
         sys.exit(1)
