@@ -22,7 +22,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from fleet_helpers import Mosquitto, Subscriber, free_port, needs_mosquitto, retained
+from fleet_helpers import (
+    Mosquitto,
+    Subscriber,
+    free_port,
+    make_certificates,
+    needs_mosquitto,
+    retained,
+)
 from stream_helpers import RATE
 from toy_bundle import anomalous_signal, make_toy_bundle, normal_signal, toy_frontend
 
@@ -209,6 +216,76 @@ def test_mqtt_user_and_password(tmp_path):
         sub_client.loop_stop()
     finally:
         broker.stop()
+
+
+def test_cli_mqtt_over_tls_with_its_ca_and_a_wrong_ca_is_one_line(toy, tmp_path):
+    """mqtts:// with --mqtt-ca: every event arrives through the broker's TLS listener (the
+    test subscribes on its plain one); a CA that did not sign the broker's certificate
+    stops the monitor before it starts, with one line and exit status 1."""
+    from click.testing import CliRunner
+
+    from msn_edge.cli import main
+
+    needs_mosquitto()
+    certs = make_certificates(tmp_path / "tls")
+    broker = Mosquitto(tmp_path, tls=certs)
+    broker.start()
+    wav = write_recording(tmp_path / "press.wav", "nnaaann", seed=3)
+    sub = Subscriber(broker.port, f"{PREFIX}/#")
+    base = ["monitor", str(toy), "--input", str(wav), "--alarm-after", "2", "--threads", "1"]
+    base += ["--mqtt", broker.tls_url, "--mqtt-topic", PREFIX]
+    try:
+        good = CliRunner().invoke(
+            main, [*base, "--mqtt-ca", str(certs.ca), "--mqtt-queue", str(tmp_path / "q1")]
+        )
+        assert good.exit_code == 0, good.stderr
+        events = [json.loads(line) for line in good.stdout.splitlines()]
+        windows = [e for e in events if e["event"] == "window"]
+        assert len(windows) == 7
+        assert sub.wait_for(lambda: len(sub.on(f"{PREFIX}/press/window")) >= 7), (
+            good.stderr + broker.log.read_text()
+        )
+        got = [json.loads(p) for p in sub.on(f"{PREFIX}/press/window")]
+        assert got == windows  # the same events, once, in order
+        alarms = [json.loads(p)["event"] for p in sub.on(f"{PREFIX}/press/alarm")]
+        assert alarms == ["alarm", "clear"]
+        assert "mqtts://127.0.0.1" in good.stderr and "connected" in good.stderr
+
+        bad = CliRunner().invoke(
+            main, [*base, "--mqtt-ca", str(certs.other_ca), "--mqtt-queue", str(tmp_path / "q2")]
+        )
+        assert bad.exit_code == 1
+        assert "Traceback" not in bad.stderr and bad.stdout == ""  # nothing was scored
+        line = bad.stderr.strip().splitlines()[-1]
+        assert line.startswith(
+            f"Error: {broker.tls_url}: the broker's certificate does not verify against "
+            f"{certs.other_ca} ("
+        ), line
+        assert line.endswith("); check --mqtt-ca")
+        time.sleep(0.3)
+        assert len(sub.on(f"{PREFIX}/press/window")) == 7  # nothing more came
+    finally:
+        sub.close()
+        broker.stop()
+
+
+def test_mqtts_to_a_plain_listener_is_one_line(tmp_path):
+    needs_mosquitto()
+    from msn_edge.runtime.errors import MsnEdgeError
+    from msn_edge.runtime.mqtt_sink import MqttSink
+
+    certs = make_certificates(tmp_path / "tls")
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    try:
+        settings = MqttSettings(
+            f"mqtts://127.0.0.1:{broker.port}", ca_file=certs.ca, queue_dir=tmp_path / "q"
+        )
+        with pytest.raises(MsnEdgeError, match=r"TLS handshake failed \(.+\); is it the broker"):
+            MqttSink.start(settings, ["s"])
+    finally:
+        broker.stop()
+    assert not (tmp_path / "q").exists()  # refused before the queue was made
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
