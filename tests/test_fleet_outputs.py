@@ -332,6 +332,13 @@ def test_cli_metrics_scraped_during_a_run_and_the_last_will(toy, tmp_path):
         assert metrics[("msn_edge_mqtt_connected", ())] == 1.0
         assert metrics[("msn_edge_mqtt_dropped_events_total", ())] == 0.0
         assert metrics[("msn_edge_overruns_total", label)] == 0.0
+        assert metrics[("msn_edge_dropped_samples_total", label)] == 0.0
+        assert metrics[("msn_edge_reconnects_total", label)] == 0.0
+        assert metrics[("msn_edge_frontend_seconds_count", (("backend", "cpu"),))] >= windows_then
+        assert metrics[("msn_edge_frontend_seconds_sum", (("backend", "cpu"),))] > 0.0
+        assert metrics[("msn_edge_batch_wait_seconds_count", (("backend", "cpu"),))] >= 1
+        assert metrics[("msn_edge_mqtt_queue_depth", ())] >= 0.0
+        assert np.isfinite(metrics[("msn_edge_score", label)])  # a window's score, not NaN
         info = [k for k in metrics if k[0] == "msn_edge_engine_info"]
         assert (
             info and dict(info[0][1])["backend"] == "cpu" and dict(info[0][1])["streams"] == "long"
