@@ -118,7 +118,6 @@ def run_streams(shared: SharedEngine, n_streams: int, seconds: float, policy: Ba
                 members.append((ch, stream))
             devices.append((dev, [s.name for _, s in members]))
             inputs.append(Input(source, members, pumped=True))
-        counts = {"overruns": 0, "dropped": 0}
 
         def sink(event: dict) -> None:
             if event["event"] != "window":
@@ -129,11 +128,10 @@ def run_streams(shared: SharedEngine, n_streams: int, seconds: float, policy: Ba
             end = dev.t0 + (event["index"] + 1) * window_s
             with lock:
                 scored.append(Scored(event["stream"], event["index"], now - end))
-                counts["overruns"] += event["overruns"]
-                counts["dropped"] += event["dropped_samples"]
 
         monitor = Monitor(inputs, sink, policy=policy)
-        timer = threading.Timer(seconds + window_s, monitor.stop)  # the drain's bound
+        # The drain's bound: a hop after the audio ended.
+        timer = threading.Timer(max(0.0, stop_at + window_s - time.monotonic()), monitor.stop)
         timer.start()
         cpu0 = time.process_time()
         result = monitor.run()
@@ -141,9 +139,11 @@ def run_streams(shared: SharedEngine, n_streams: int, seconds: float, policy: Ba
         cpu_s = time.process_time() - cpu0
         drained = timer.is_alive()  # ended on its own, before the bound
         timer.cancel()
+        # Per device (its channels' streams all carry the same counters).
+        losses = [inp.source.snapshot() for inp in inputs]
     # Due: every window whose audio the device delivered (it ends before the stop).
     due = {name: dev.pos // size for dev, names in devices for name in names}
-    dropped = counts["dropped"] + sum(s.dropped_samples for s in result.streams.values())
+    dropped = sum(x.dropped_samples for x in losses)
     verdict = judge(due, scored, dropped=dropped, hop_s=window_s)
     sizes = [s for v in result.calls.values() for s in v]
     return {
@@ -151,7 +151,7 @@ def run_streams(shared: SharedEngine, n_streams: int, seconds: float, policy: Ba
         "verdict": verdict,
         "due": verdict.due,
         "scored": verdict.scored,
-        "overruns": counts["overruns"] + sum(s.overruns for s in result.streams.values()),
+        "overruns": sum(x.overruns for x in losses),
         "dropped": dropped,
         "calls": len(sizes),
         "mean_batch": float(np.mean(sizes)) if sizes else 0.0,
