@@ -383,8 +383,13 @@ class MqttSink:
         rows = self.queue.peek(self._last_sent, room)
         for qid, topic, payload in rows:
             info = self._client.publish(topic, payload, 1, False)
-            # NO_CONN: paho keeps the message and sends it, in order, on reconnection.
-            if info.rc not in (self._mqtt.MQTT_ERR_SUCCESS, self._mqtt.MQTT_ERR_NO_CONN):
+            if info.rc == self._mqtt.MQTT_ERR_NO_CONN:
+                # The connection broke under us: paho keeps the message and sends it, in
+                # order, on reconnection, and marks it published on its PUBACK; but
+                # is_published() raises for a message whose publish() said NO_CONN, which
+                # would stop the acknowledgements (and kill this thread). It is queued, so:
+                info.rc = self._mqtt.MQTT_ERR_SUCCESS
+            elif info.rc != self._mqtt.MQTT_ERR_SUCCESS:
                 log.warning("MQTT: publish failed (%s); retrying", info.rc)
                 return False
             self._inflight.append((qid, info))

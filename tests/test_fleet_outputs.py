@@ -459,3 +459,43 @@ def test_metrics_count_an_invalid_window_without_a_score(tmp_path):
     assert got[("msn_edge_anomalous_windows_total", "m")] == 1
     assert got[("msn_edge_invalid_windows_total", "m")] == 1
     assert np.isnan(got[("msn_edge_score", "m")]) and np.isnan(got[("msn_edge_anomalous", "m")])
+
+
+def test_a_publish_that_raced_a_disconnect_is_acknowledged_after_the_reconnection(tmp_path):
+    """publish() answered NO_CONN (the connection broke between the check and the call):
+    paho keeps the message, resends it on reconnection and marks it published on its
+    PUBACK. The sender must then take it off the queue, in order, and not die on
+    is_published() raising for such a message (it did, under load, in the restart test)."""
+    mqtt_client = pytest.importorskip("paho.mqtt.client")
+    from msn_edge.runtime.mqtt_sink import MqttSink
+
+    sink = MqttSink(MqttSettings("mqtt://127.0.0.1:1", queue_dir=tmp_path / "q"), ["s"])
+    infos = []
+
+    class Disconnected:
+        def publish(self, topic, payload, qos, retain):
+            info = mqtt_client.MQTTMessageInfo(len(infos) + 1)
+            info.rc = mqtt_client.MQTT_ERR_NO_CONN
+            infos.append(info)
+            return info
+
+    sink._client = Disconnected()
+    for i in range(3):
+        sink(
+            {"event": "window", "stream": "s", "index": i, "end": "x", "score": 0.0}
+            | {"threshold": 0.1, "verdict": "normal"}
+        )
+    assert sink._fill() is False and len(infos) == 3  # all handed over, nothing more waits
+    sink._reap()
+    assert (sink.delivered, sink.depth) == (0, 3)  # not acknowledged yet: kept
+    infos[0]._set_as_published()  # the PUBACKs after the reconnection
+    infos[1]._set_as_published()
+    sink._reap()
+    assert (sink.delivered, sink.depth) == (2, 1)
+    assert [p for _, _, p in sink.queue.peek(0, 10)] == [
+        json.dumps(
+            {"event": "window", "stream": "s", "index": 2, "end": "x", "score": 0.0}
+            | {"threshold": 0.1, "verdict": "normal"}
+        ).encode()
+    ]
+    sink.queue.close()
