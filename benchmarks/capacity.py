@@ -34,8 +34,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from capacity_criterion import Scored, judge
 
+from msn_edge.benchmarks.capacity_criterion import Scored, judge
 from msn_edge.benchmarks.measure import synthetic_windows
 from msn_edge.benchmarks.op_profile import graph_flops
 from msn_edge.benchmarks.peaks import measure_peak
@@ -195,8 +195,7 @@ def frontend_ms(shared: SharedEngine, batch: int = 8) -> float:
 
 def make_bundle(work: Path) -> Path:
     """A random-weight dcase2020 run, exported with `msn-edge export` (fp32 only)."""
-    sys.path.insert(0, str(HERE))
-    from latency import make_random_run
+    from msn_edge.benchmarks.latency import make_random_run
 
     bundle = work / "dcase2020.msn"
     if not bundle.exists():

@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "capacity_criterion.py"
-spec = importlib.util.spec_from_file_location("capacity_criterion", PATH)
-criterion = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = criterion  # dataclasses look their module up
-spec.loader.exec_module(criterion)
-Scored, judge = criterion.Scored, criterion.judge
+from msn_edge.benchmarks.capacity_criterion import Scored, judge
 
 HOP = 10.0
 
