@@ -18,6 +18,7 @@ from msn_edge.auxiliary import TRANSFORMS, build_classes, transform_clip
 from msn_edge.checkpoint import (
     CheckpointError,
     load_checkpoint,
+    new_state,
     read_checkpoint,
     save_checkpoint,
 )
@@ -260,13 +261,7 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not a readable msn-edge checkpoint"):
         read_checkpoint(junk)
     cfg = small_config()
-    state = {
-        "config": cfg.to_dict(),
-        "model": MSN(cfg.model).state_dict(),
-        "epoch": 0,
-        "classes": ["a"],
-    }
-    path = save_checkpoint(tmp_path / "x.pt", state)
+    path = save_checkpoint(tmp_path / "x.pt", new_state(cfg, MSN(cfg.model), ["a"]))
     assert load_checkpoint(path).classes == ["a"]
     torch.save({**torch.load(path, weights_only=True), "format": 99}, path)
     with pytest.raises(CheckpointError, match="format 99"):

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from msn_edge.cli import main
-from msn_edge.cli.common import setup_logging, user_errors
+from msn_edge.cli.common import setup_logging, threads_option, user_errors, verbose_option
 from msn_edge.runtime.errors import BackendError
 
 
@@ -67,12 +67,7 @@ def eager_engine(bundle, case, settings, checkpoint: str) -> EagerEngine:
 )
 @click.option("--iterations", default=20, show_default=True, help="Timed calls per batch size.")
 @click.option("--warmup", default=3, show_default=True, help="Untimed calls before timing.")
-@click.option(
-    "--threads",
-    default=os.cpu_count() or 1,
-    show_default=True,
-    help="CPU threads for every backend and for the GEMM peak.",
-)
+@threads_option(default=os.cpu_count() or 1)
 @click.option(
     "--checkpoint",
     type=click.Path(exists=True, path_type=Path),
@@ -90,7 +85,7 @@ def eager_engine(bundle, case, settings, checkpoint: str) -> EagerEngine:
     help="Also print ONNX Runtime's per-op profile of the CPU model(s): by op type and by "
     "node-name prefix.",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@verbose_option
 @user_errors
 def bench_command(
     bundle: Path,

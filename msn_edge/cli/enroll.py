@@ -9,10 +9,21 @@ from pathlib import Path
 import click
 
 from msn_edge.cli import main
-from msn_edge.cli.common import setup_logging, user_errors
+from msn_edge.cli.common import (
+    alsa_device_option,
+    backend_option,
+    capture_option,
+    group_option,
+    hop_option,
+    precision_option,
+    setup_logging,
+    threads_option,
+    user_errors,
+    verbose_option,
+)
 from msn_edge.runtime.bundle import read_bundle
-from msn_edge.runtime.capture import CAPTURES, open_device
-from msn_edge.runtime.engines import BACKENDS, PRECISIONS, make_engine
+from msn_edge.runtime.capture import open_device
+from msn_edge.runtime.engines import make_engine
 from msn_edge.runtime.enroll import check_output, enroll
 from msn_edge.runtime.enroll_feed import open_feed, source_feed
 from msn_edge.runtime.enroll_fit import EnrollOptions
@@ -21,7 +32,7 @@ from msn_edge.runtime.history import record_line
 
 @main.command("enroll")
 @click.argument("bundle", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--group", required=True, help="The machine (scoring group) to enroll.")
+@group_option(required=True)
 @click.option(
     "-o",
     "--output",
@@ -29,7 +40,7 @@ from msn_edge.runtime.history import record_line
     type=click.Path(dir_okay=False, path_type=Path),
     help="The new bundle (never the input one).",
 )
-@click.option("-d", "--device", metavar="NAME", help="ALSA input to listen to, e.g. hw:1.")
+@alsa_device_option()
 @click.option("-i", "--input", "input_path", metavar="FILE|DIR|-", help="Recording(s) or stdin.")
 @click.option(
     "--minutes",
@@ -37,13 +48,7 @@ from msn_edge.runtime.history import record_line
     help="Listen this long (needed with --device; with --input, read at most this much).",
 )
 @click.option("--update", is_flag=True, help="Add to the group's normal instead of replacing it.")
-@click.option(
-    "--hop",
-    "hop_s",
-    type=float,
-    metavar="SECONDS",
-    help="Time between window starts, as you will monitor [default: the window].",
-)
+@hop_option
 @click.option(
     "--quantile",
     type=float,
@@ -55,13 +60,13 @@ from msn_edge.runtime.history import record_line
     metavar="N",
     help="Threshold for N anomalous windows a day on normal running, at --hop.",
 )
-@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for inference.")
-@click.option("--capture", type=click.Choice(CAPTURES), default="auto", show_default=True)
+@backend_option
+@precision_option
+@threads_option()
+@capture_option
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the audit record as JSON.")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logs.")
+@verbose_option
 @user_errors
 def enroll_command(
     bundle: Path,

@@ -7,10 +7,10 @@ from pathlib import Path
 import click
 
 from msn_edge.cli import main
-from msn_edge.cli.common import setup_logging, user_errors
+from msn_edge.cli.common import setup_logging, threads_option, user_errors, verbose_option
+from msn_edge.runtime.engines import PRECISIONS
 
 FORMATS = ("onnx", "engine")  # export.pack.FORMATS; repeated so --help needs no torch
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @main.command("export")
@@ -49,13 +49,8 @@ PRECISIONS = ("fp32", "fp16", "int8")
     default=None,
     help="Data set whose test clips give AUC/pAUC of the fp32 (and int8) model.",
 )
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=None,
-    help="ONNX Runtime CPU threads  [default: all cores]",
-)
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@threads_option()
+@verbose_option
 @user_errors
 def export_command(run, out, int8, fmt, precision, eval_data, threads, verbose) -> None:
     """Export the trained model of RUN (a run folder or checkpoint) to a bundle file.

@@ -11,10 +11,22 @@ from pathlib import Path
 import click
 
 from msn_edge.cli import main
-from msn_edge.cli.common import FiniteFloat, setup_logging, user_errors
+from msn_edge.cli.common import (
+    FiniteFloat,
+    alsa_device_option,
+    backend_option,
+    capture_option,
+    given,
+    group_option,
+    hop_option,
+    precision_option,
+    setup_logging,
+    threads_option,
+    user_errors,
+    verbose_option,
+)
 from msn_edge.runtime.assemble import enroll_first_config, open_monitor
-from msn_edge.runtime.capture import CAPTURES, list_input_devices
-from msn_edge.runtime.engines import BACKENDS, PRECISIONS
+from msn_edge.runtime.capture import list_input_devices
 from msn_edge.runtime.errors import MsnEdgeError
 from msn_edge.runtime.events import EventSink
 from msn_edge.runtime.monitor_config import (
@@ -86,14 +98,10 @@ def _config(
     if config_path is not None:
         if devices or inputs:
             raise click.UsageError("--config describes the inputs; drop --device/--input")
-        given = [
-            "--" + o.replace("_s", "").replace("_", "-")
-            for o in STREAM_OPTIONS
-            if ctx.get_parameter_source(o) is not click.core.ParameterSource.DEFAULT
-        ]
-        if given:
+        named = ["--" + o.replace("_s", "").replace("_", "-") for o in given(ctx, *STREAM_OPTIONS)]
+        if named:
             raise click.UsageError(
-                f"with --config, stream settings come from the file; drop {', '.join(given)}"
+                f"with --config, stream settings come from the file; drop {', '.join(named)}"
             )
         config = load_config(config_path)
         if bundle is not None:
@@ -125,14 +133,7 @@ def _config(
 
 @main.command()
 @click.argument("bundle", type=click.Path(dir_okay=False, path_type=Path), required=False)
-@click.option(
-    "-d",
-    "--device",
-    "devices",
-    metavar="NAME",
-    multiple=True,
-    help="ALSA input: hw:1, plughw:1,0, default, or a PCM from an asoundrc. Repeatable.",
-)
+@alsa_device_option(multiple=True)
 @click.option(
     "-i",
     "--input",
@@ -157,13 +158,7 @@ def _config(
 )
 @click.option("--name", help="The stream's name in events [default: from the device or file].")
 @click.option("--realtime", is_flag=True, help="Pace --input FILE like a live microphone.")
-@click.option(
-    "--hop",
-    "hop_s",
-    type=FiniteFloat(min=0, min_open=True),
-    metavar="SECONDS",
-    help="Time between window starts [default: the window; shorter overlaps].",
-)
+@hop_option
 @click.option(
     "--alarm-after",
     type=click.IntRange(min=0),
@@ -189,40 +184,22 @@ def _config(
     metavar="SECONDS",
     help="Stop after this much audio (per stream).",
 )
-@click.option(
-    "--backend",
-    type=click.Choice(BACKENDS),
-    default="auto",
-    show_default=True,
-    help="Inference backend; auto takes the best one available.",
-)
-@click.option(
-    "--precision",
-    type=click.Choice(PRECISIONS),
-    default="fp32",
-    show_default=True,
-    help="Model precision: int8 needs a bundle with an int8 model, fp16 a TensorRT backend.",
-)
+@backend_option
+@precision_option
 @click.option(
     "--allow-not-recommended",
     is_flag=True,
     help="Run an int8 model even though the export marked it not recommended (it lost "
     "more than 1 AUC point against fp32).",
 )
-@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for inference.")
+@threads_option()
 @click.option(
     "--threshold",
     type=FiniteFloat(min=0, max=2),
     help="Override the bundle's decision threshold (a cosine distance, 0 to 2).",
 )
-@click.option("--group", help="Scoring group (machine type/ID) when the bundle has several.")
-@click.option(
-    "--capture",
-    type=click.Choice(CAPTURES),
-    default="auto",
-    show_default=True,
-    help="How --device is read: arecord (any ALSA name) or PortAudio.",
-)
+@group_option()
+@capture_option
 @click.option(
     "--max-batch",
     type=click.IntRange(min=1),
@@ -284,7 +261,7 @@ def _config(
     help="First listen this long to normal running and enroll it as --group into a new "
     "bundle beside BUNDLE (see `msn-edge enroll`), then monitor with that.",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Debug logs.")
+@verbose_option
 @click.pass_context
 @user_errors
 def monitor(

@@ -194,35 +194,9 @@ def info(bundle: Path | None, preset_name: str | None):
         f"spectrum {fe.spectrum_bins} bins, embedding {config.model.embedding_dim}"
     )
     click.echo(f"{'part':<12} {'params':>12} {'MACs':>16}")
-    macs = _macs_by_branch(model)
+    macs = count_macs(model, per_branch=True)
     for name, module in model.named_children():
         params = sum(p.numel() for p in module.parameters())
         click.echo(f"{name:<12} {params:>12,} {macs[name]:>16,}")
     total = sum(p.numel() for p in model.parameters())
-    click.echo(f"{'total':<12} {total:>12,} {count_macs(model):>16,}")
-
-
-def _macs_by_branch(model) -> dict[str, int]:
-    """count_macs's rule (conv: taps x outputs, linear: inputs x outputs) per top-level part."""
-    import torch
-    from torch import nn
-
-    totals: dict[str, int] = {}
-    handles = []
-    for name, branch in model.named_children():
-        totals[name] = 0
-
-        def hook(module, _inp, out, name=name):
-            if isinstance(module, nn.Conv2d | nn.Conv1d):
-                totals[name] += module.weight[0].numel() * out.numel()
-            elif isinstance(module, nn.Linear):
-                totals[name] += module.in_features * out.numel()
-
-        handles += [m.register_forward_hook(hook) for m in branch.modules()]
-    cfg = model.cfg
-    model.eval()
-    with torch.no_grad():
-        model(torch.zeros(1, cfg.n_freq, cfg.n_frames), torch.zeros(1, cfg.spectrum_bins))
-    for h in handles:
-        h.remove()
-    return totals
+    click.echo(f"{'total':<12} {total:>12,} {sum(macs.values()):>16,}")
