@@ -365,20 +365,13 @@ def open_device(
         capture = "arecord" if shutil.which("arecord") else "portaudio"
         if capture == "portaudio":
             log.info("arecord not found: capturing through PortAudio")
-    if capture == "arecord":
-        if not shutil.which("arecord"):
-            raise DeviceError("arecord not found; run scripts/install-system-deps.sh")
-        return LiveSource(
-            name,
-            sample_rate,
-            lambda: ArecordReader(name, sample_rate, channels),
-            queue_s=queue_s,
-            backoff=backoff,
-        )
+    if capture == "arecord" and not shutil.which("arecord"):
+        raise DeviceError("arecord not found; run scripts/install-system-deps.sh")
+    reader = ArecordReader if capture == "arecord" else PortAudioReader
     return LiveSource(
         name,
         sample_rate,
-        lambda: PortAudioReader(name, sample_rate, channels),
+        lambda: reader(name, sample_rate, channels),
         queue_s=queue_s,
         backoff=backoff,
     )

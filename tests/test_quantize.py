@@ -144,3 +144,20 @@ def test_calibration_on_a_window_count_no_batch_divides(exported, target):
     assert len(windows) == 5
     model = quantize_int8(fp32, windows, run.config.frontend, Int8Config(target=target))
     assert {p.key: p.value for p in model.metadata_props}["int8_target"] == target
+
+
+def test_int8_timing_pauses_once_per_model(tmp_path, monkeypatch):
+    # The int8 speed ratio times each model in one run of calls, after one pause for the
+    # previous model's spinning threads: an --int8 export pauses 3 times, not 33 (6.6 s).
+    from toy_bundle import make_toy_bundle
+
+    from msn_edge.export import report
+
+    bundle = read_bundle(make_toy_bundle(tmp_path / "toy.msn"))
+    pauses: list[float] = []
+    monkeypatch.setattr(report.time, "sleep", pauses.append)
+    fe = bundle.frontend
+    models = {"fp32": bundle.model_bytes("fp32"), "again": bundle.model_bytes("fp32")}
+    ms = report.latencies_ms(models, np.zeros(fe.window_samples, np.float32), fe, threads=1)
+    assert set(ms) == set(models) and all(v > 0 for v in ms.values())
+    assert pauses == [report.THREADS_IDLE_S] * len(models)

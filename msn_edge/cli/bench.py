@@ -13,8 +13,8 @@ from pathlib import Path
 
 import click
 
-from msn_edge.cli import main
-from msn_edge.cli.common import setup_logging, threads_option, user_errors, verbose_option
+from msn_edge.cli import common, main
+from msn_edge.cli.common import setup_logging, user_errors
 from msn_edge.runtime.errors import BackendError
 
 
@@ -67,25 +67,20 @@ def eager_engine(bundle, case, settings, checkpoint: str) -> EagerEngine:
 )
 @click.option("--iterations", default=20, show_default=True, help="Timed calls per batch size.")
 @click.option("--warmup", default=3, show_default=True, help="Untimed calls before timing.")
-@threads_option(default=os.cpu_count() or 1)
+@common.threads_option(default=os.cpu_count() or 1)
 @click.option(
     "--checkpoint",
     type=click.Path(exists=True, path_type=Path),
     help="Training run the bundle was exported from: adds the PyTorch eager baseline.",
 )
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also write the full report as JSON here.",
-)
+@common.path_option("--json", "json_path", help="Also write the full report as JSON here.")
 @click.option(
     "--profile",
     is_flag=True,
     help="Also print ONNX Runtime's per-op profile of the CPU model(s): by op type and by "
     "node-name prefix.",
 )
-@verbose_option
+@common.verbose_option
 @user_errors
 def bench_command(
     bundle: Path,

@@ -2,45 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
 import click
 
-from msn_edge.cli import main
-from msn_edge.cli.common import (
-    alsa_device_option,
-    backend_option,
-    capture_option,
-    group_option,
-    hop_option,
-    precision_option,
-    setup_logging,
-    threads_option,
-    user_errors,
-    verbose_option,
-)
-from msn_edge.runtime.bundle import read_bundle
-from msn_edge.runtime.capture import open_device
-from msn_edge.runtime.engines import make_engine
-from msn_edge.runtime.enroll import check_output, enroll
-from msn_edge.runtime.enroll_feed import open_feed, source_feed
+from msn_edge.cli import common, main
+from msn_edge.cli.common import setup_logging, user_errors
+from msn_edge.runtime.enroll import enroll_from
 from msn_edge.runtime.enroll_fit import EnrollOptions
 from msn_edge.runtime.history import record_line
 
 
 @main.command("enroll")
 @click.argument("bundle", type=click.Path(dir_okay=False, path_type=Path))
-@group_option(required=True)
-@click.option(
-    "-o",
-    "--output",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The new bundle (never the input one).",
-)
-@alsa_device_option()
+@common.group_option(required=True)
+@common.path_option("-o", "--output", required=True, help="The new bundle (never the input one).")
+@common.alsa_device_option()
 @click.option("-i", "--input", "input_path", metavar="FILE|DIR|-", help="Recording(s) or stdin.")
 @click.option(
     "--minutes",
@@ -48,7 +26,7 @@ from msn_edge.runtime.history import record_line
     help="Listen this long (needed with --device; with --input, read at most this much).",
 )
 @click.option("--update", is_flag=True, help="Add to the group's normal instead of replacing it.")
-@hop_option
+@common.hop_option
 @click.option(
     "--quantile",
     type=float,
@@ -60,13 +38,13 @@ from msn_edge.runtime.history import record_line
     metavar="N",
     help="Threshold for N anomalous windows a day on normal running, at --hop.",
 )
-@backend_option
-@precision_option
-@threads_option()
-@capture_option
+@common.backend_option
+@common.precision_option
+@common.threads_option()
+@common.capture_option
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the audit record as JSON.")
-@verbose_option
+@common.verbose_option
 @user_errors
 def enroll_command(
     bundle: Path,
@@ -111,7 +89,6 @@ def enroll_command(
         raise click.UsageError("give exactly one of --device NAME or --input FILE|DIR|-")
     if device is not None and minutes is None:
         raise click.UsageError("--device needs --minutes: how long to listen")
-    parent = read_bundle(bundle)
     options = EnrollOptions(
         group=group,
         update=update,
@@ -120,19 +97,18 @@ def enroll_command(
         quantile=quantile,
         false_alarms_per_day=false_alarms_per_day,
     )
-    hop = options.hop(parent.frontend)
-    check_output(parent.path, output, force=force)  # before minutes of listening
-    engine = make_engine(parent, backend, precision=precision, threads=threads)  # fp32 default
-    with contextlib.ExitStack() as stack:
-        stack.callback(engine.close)
-        if device is not None:
-            source = stack.enter_context(
-                open_device(device, parent.frontend.sample_rate, capture=capture)
-            )
-            feed = source_feed(source, parent.frontend, hop, max_seconds=options.max_seconds)
-        else:
-            feed = open_feed(input_path, parent.frontend, hop, options.max_seconds)
-        result = enroll(parent, engine, feed, output, options, force=force)
+    result = enroll_from(
+        bundle,
+        output,
+        options,
+        device=device,
+        input_path=input_path,
+        backend=backend,
+        precision=precision,  # fp32 unless asked: the monitor's default
+        threads=threads,
+        capture=capture,
+        force=force,
+    )
     if as_json:
         click.echo(json.dumps(result.record, indent=2))
     else:

@@ -8,18 +8,8 @@ from pathlib import Path
 
 import click
 
-from msn_edge.cli import main
-from msn_edge.cli.common import (
-    backend_option,
-    echo_stdout,
-    given,
-    group_option,
-    precision_option,
-    setup_logging,
-    torch_device_option,
-    user_errors,
-    verbose_option,
-)
+from msn_edge.cli import common, main
+from msn_edge.cli.common import echo_stdout, given, setup_logging, user_errors
 from msn_edge.runtime.bundle import looks_like_bundle
 from msn_edge.runtime.errors import MsnEdgeError
 
@@ -28,25 +18,21 @@ VERDICT_WORDS = {"normal": "normal", "anomalous": "ANOMALY", "invalid": "INVALID
 
 @main.command("evaluate")
 @click.argument("run", type=click.Path(exists=True, path_type=Path))
-@click.option(
+@common.path_option(
     "--data",
+    folder=True,
+    exists=True,
     required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Data set root in DCASE layout: <type>/train and <type>/test.",
 )
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Folder for the reports  [default: RUN/eval]",
-)
-@torch_device_option
+@common.path_option("--out", folder=True, help="Folder for the reports  [default: RUN/eval]")
+@common.torch_device_option
 @click.option(
     "--refit-scoring",
     is_flag=True,
     help="Fit prototypes and thresholds on DATA's train split instead of using the run's.",
 )
-@verbose_option
+@common.verbose_option
 @user_errors
 def evaluate_command(
     run: Path, data: Path, out: Path | None, device: str | None, refit_scoring: bool, verbose: bool
@@ -79,10 +65,10 @@ def evaluate_command(
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of TSV.")
-@group_option()
-@backend_option
-@precision_option
-@torch_device_option
+@common.group_option()
+@common.backend_option
+@common.precision_option
+@common.torch_device_option
 @click.option("--downmix", is_flag=True, help="Average multi-channel files to mono.")
 @click.option("--resample", is_flag=True, help="Resample files to the model's sample rate.")
 @click.pass_context
