@@ -21,6 +21,7 @@ from tqdm import tqdm
 from msn_edge.checkpoint import CHECKPOINT_FILE, LoadedRun, load_checkpoint
 from msn_edge.datasets import Clip, load_wave, scan
 from msn_edge.evaluate import pct, run_dir_of, summary_of
+from msn_edge.export import FORMATS
 from msn_edge.export.onnx_export import export_onnx, graph_stats
 from msn_edge.export.parity import check_parity, cpu_engine, engine_embed
 from msn_edge.export.quantize import int8_twins
@@ -28,14 +29,12 @@ from msn_edge.export.report import ExportReport, int8_report, json_safe, latenci
 from msn_edge.export.trt_support import tensorrt_problems
 from msn_edge.prototypes import Scoring, load_scoring, score_embeddings
 from msn_edge.runtime.bundle import MODEL_MEMBERS, is_bundle_file, write_bundle
-from msn_edge.runtime.engines import PRECISIONS
+from msn_edge.runtime.engines import check_precision
 from msn_edge.runtime.errors import DatasetError, MsnEdgeError
 from msn_edge.runtime.frontend import FrontendConfig, fit_window
 from msn_edge.training import training_clips
 
 log = logging.getLogger(__name__)
-
-FORMATS = ("onnx", "engine")
 
 
 @dataclass(frozen=True)
@@ -62,10 +61,8 @@ class ExportOptions:
             raise MsnEdgeError(f"unknown format '{self.format}' (choose {', '.join(FORMATS)})")
         if self.precision is not None and self.format != "engine":
             raise MsnEdgeError("--precision sets the TensorRT engine's; add --format engine")
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise MsnEdgeError(
-                f"unknown precision '{self.precision}' (choose {', '.join(PRECISIONS)})"
-            )
+        if self.precision is not None:
+            check_precision(self.precision)
         if self.precision == "int8" and not self.int8:
             raise MsnEdgeError("an int8 engine is built from the int8 model: add --int8")
         if self.parity_clips < 0 or self.calibration_clips < 1:

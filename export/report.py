@@ -13,13 +13,10 @@ import numpy as np
 from msn_edge.evaluate import pct
 from msn_edge.export.onnx_export import GraphStats
 from msn_edge.export.parity import ParityReport, cpu_engine, engine_embed
+from msn_edge.runtime.engines import ORT_THREADS_IDLE_S
 from msn_edge.runtime.frontend import FrontendConfig
 
 LATENCY_RUNS = 10  # timed single-window calls per model for the int8 speed ratio
-# ONNX Runtime's worker threads spin-wait for a while after a call: a pause before each
-# model's timing lets the previous model's threads go idle, so no two sessions share the
-# CPU (the measurement needs it; nothing else in an export waits).
-THREADS_IDLE_S = 0.2
 INT8_ROLES = {"int8-cpu": "ONNX Runtime CPU", "int8": "TensorRT; here on ONNX Runtime CPU"}
 
 
@@ -142,11 +139,12 @@ def latencies_ms(
     threads: int | None,
 ) -> dict[str, float]:
     """Median ms per window of each model on ONNX Runtime CPU: one untimed call (allocations,
-    kernel choice), then LATENCY_RUNS timed ones, model after model."""
+    kernel choice), then LATENCY_RUNS timed ones, model after model. The one pause of an
+    export is here, once per model: consecutive calls of one session share its threads."""
     out = {}
     for name, model in models.items():
         engine = cpu_engine(model, threads)
-        time.sleep(THREADS_IDLE_S)
+        time.sleep(ORT_THREADS_IDLE_S)  # the previous model's threads stop spinning
         times = []
         for _ in range(1 + LATENCY_RUNS):
             t = time.perf_counter()

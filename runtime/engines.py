@@ -51,6 +51,10 @@ JETSON_HINT = "on a Jetson: docs/jetson.md"  # TensorRT and onnxruntime-gpu are 
 GPU_HINT = f"install msn-edge[gpu]; {JETSON_HINT}"
 TENSORRT_HINT = f"pip install msn-edge[tensorrt]; {JETSON_HINT}"
 _ORT_LOG_ERRORS_ONLY = 3  # ORT severity: 0 verbose ... 3 error; keep stderr for our logs
+# How long to pause before timing a call so that the worker threads of the session that ran
+# before are idle: ONNX Runtime's pool spin-waits ~50 ms after a call (a core busy for 20 ms,
+# half of one for 100 ms), which slows a session timed meanwhile ~1.8x. For timings only.
+ORT_THREADS_IDLE_S = 0.2
 _ORT_ERRORS = (
     (
         ort_state.Fail,

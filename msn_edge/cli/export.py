@@ -8,9 +8,8 @@ import click
 
 from msn_edge.cli import common, main
 from msn_edge.cli.common import setup_logging, user_errors
+from msn_edge.export import FORMATS
 from msn_edge.runtime.engines import PRECISIONS
-
-FORMATS = ("onnx", "engine")  # export.pack.FORMATS; repeated so --help needs no torch
 
 
 @main.command("export")
