@@ -48,7 +48,7 @@ def _common_checks(model: onnx.ModelProto, target: str) -> None:
     assert (props["precision"], props["int8_target"]) == ("int8", target)
 
 
-@pytest.mark.slow  # the shared --int8 export (export_helpers.exported_bundle): 30 s or more
+@pytest.mark.slow  # reads the shared --int8 export (export_helpers.exported_bundle)
 def test_tensorrt_int8_is_symmetric_int8_throughout(exported):
     model = onnx.load_from_string(exported.member("model.int8.onnx"))
     _common_checks(model, "tensorrt")
@@ -58,7 +58,7 @@ def test_tensorrt_int8_is_symmetric_int8_throughout(exported):
     assert per_channel > 10 and len(activations) > 10
 
 
-@pytest.mark.slow  # the shared --int8 export (export_helpers.exported_bundle): 30 s or more
+@pytest.mark.slow  # reads the shared --int8 export (export_helpers.exported_bundle)
 def test_cpu_int8_has_uint8_activations_with_zero_points(exported):
     model = onnx.load_from_string(exported.member("model.int8-cpu.onnx"))
     _common_checks(model, "cpu")
@@ -72,7 +72,7 @@ def test_cpu_int8_has_uint8_activations_with_zero_points(exported):
 
 
 @pytest.mark.parametrize("variant", ["int8", "int8-cpu"])
-@pytest.mark.slow  # the shared --int8 export (export_helpers.exported_bundle): 30 s or more
+@pytest.mark.slow  # reads the shared --int8 export (export_helpers.exported_bundle)
 def test_int8_is_smaller_and_close_to_fp32(exported, variant):
     bundle = read_bundle(exported.bundle)
     fp32, int8 = bundle.model_bytes("fp32"), bundle.model_bytes(variant)
@@ -87,7 +87,7 @@ def test_int8_is_smaller_and_close_to_fp32(exported, variant):
     assert np.abs(a - b).max() > 1e-5  # it really is a different (quantized) model
 
 
-@pytest.mark.slow  # the shared --int8 export (export_helpers.exported_bundle): 30 s or more
+@pytest.mark.slow  # reads the shared --int8 export (export_helpers.exported_bundle)
 def test_cpu_backend_runs_the_cpu_int8_model(exported):
     bundle = read_bundle(exported.bundle)
     windows = synthetic_windows(bundle.frontend)[:2]
@@ -97,7 +97,7 @@ def test_cpu_backend_runs_the_cpu_int8_model(exported):
         assert np.array_equal(chosen, direct) is same, variant
 
 
-@pytest.mark.slow  # the shared --int8 export (export_helpers.exported_bundle): 30 s or more
+@pytest.mark.slow  # reads the shared --int8 export (export_helpers.exported_bundle)
 def test_export_reports_int8_figures_side_by_side(exported):
     report = exported.manifest()["metadata"]["export"]
     q = report["int8"]
@@ -119,7 +119,7 @@ def test_export_reports_int8_figures_side_by_side(exported):
         assert f"| {row}" in exported.stdout
 
 
-@pytest.mark.slow  # the shared --int8 export (export_helpers.exported_bundle): 30 s or more
+@pytest.mark.slow  # reads the shared --int8 export (export_helpers.exported_bundle)
 def test_calibration_needs_windows(exported):
     run = load_checkpoint(exported.run)
     fp32 = onnx.load_from_string(exported.member("model.onnx"))
@@ -141,7 +141,7 @@ def test_int8_losing_auc_is_marked_not_recommended():
 
 
 @pytest.mark.parametrize("target", ["cpu", "tensorrt"])
-@pytest.mark.slow  # the shared --int8 export (export_helpers.exported_bundle): 30 s or more
+@pytest.mark.slow  # reads the shared --int8 export (export_helpers.exported_bundle)
 def test_calibration_on_a_window_count_no_batch_divides(exported, target):
     # 5 windows: batches of 4 would leave a last batch of 1, which onnxruntime's
     # histogram calibrator cannot stack (a run with 10 training clips failed this way).

@@ -380,6 +380,7 @@ def test_cli_refuses_one_class_without_aux(one_class, tmp_path):
     assert "Traceback" not in result.output and not (tmp_path / "r" / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow  # trains in two processes: 10 s idle, 15 s and more on a busy machine
 def test_cli_ctrl_c_keeps_the_last_checkpoint_and_resumes(data, tmp_path):
     run = tmp_path / "run"
     cli = [sys.executable, "-c", "from msn_edge.cli import main; main()"]
