@@ -91,6 +91,11 @@ def seconds_option(
     return click.option(*decls, type=kind, metavar="SECONDS", **kw)
 
 
+def minutes_option(*decls: str, **kw) -> Callable[[F], F]:
+    """An option taking how many minutes to listen: a finite number more than 0."""
+    return click.option(*decls, type=FiniteFloat(min=0, min_open=True), metavar="MINUTES", **kw)
+
+
 def path_option(*decls: str, folder: bool = False, exists: bool = False, **kw) -> Callable[[F], F]:
     """An option naming a file (or, with `folder`, a folder), given to the command as a Path;
     with `exists`, one that must be there."""

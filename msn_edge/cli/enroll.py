@@ -20,9 +20,8 @@ from msn_edge.runtime.history import record_line
 @common.path_option("-o", "--output", required=True, help="The new bundle (never the input one).")
 @common.alsa_device_option()
 @click.option("-i", "--input", "input_path", metavar="FILE|DIR|-", help="Recording(s) or stdin.")
-@click.option(
+@common.minutes_option(
     "--minutes",
-    type=click.FloatRange(min=0, min_open=True),
     help="Listen this long (needed with --device; with --input, read at most this much).",
 )
 @click.option("--update", is_flag=True, help="Add to the group's normal instead of replacing it.")

@@ -214,11 +214,9 @@ def _config(
     metavar="ADDR",
     help="Address the metrics endpoint listens on [default: 0.0.0.0].",
 )
-@click.option(
+@common.minutes_option(
     "--enroll-first",
     "enroll_minutes",
-    type=click.FloatRange(min=0, min_open=True),
-    metavar="MINUTES",
     help="First listen this long to normal running and enroll it as --group into a new "
     "bundle beside BUNDLE (see `msn-edge enroll`), then monitor with that.",
 )
