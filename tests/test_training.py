@@ -23,7 +23,7 @@ from msn_edge.checkpoint import (
     save_checkpoint,
 )
 from msn_edge.cli import main
-from msn_edge.config import preset, with_recipe
+from msn_edge.config import preset, training_config, with_recipe
 from msn_edge.datasets import scan
 from msn_edge.model import MSN, count_macs
 from msn_edge.prototypes import load_scoring
@@ -444,3 +444,17 @@ def test_min_steps_grow_the_epochs_but_zero_epochs_stay_untrained(data, tmp_path
     assert untrained.epoch == 0 and untrained.losses == [] and untrained.scoring_fitted
     state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 0
+
+
+def test_training_config_takes_the_preset_or_the_resumed_run(tmp_path):
+    cfg = with_recipe(small_config(epochs=3), "log-speed")
+    save_checkpoint(tmp_path / "checkpoint.pt", new_state(cfg, MSN(cfg.model), ["a", "b"]))
+    # --resume without --preset: the run's own config, with the given settings over it.
+    resumed = training_config(resume_from=tmp_path, epochs=5, seed=None)
+    assert resumed.model == cfg.model and resumed.frontend == cfg.frontend
+    assert resumed.train.epochs == 5 and resumed.train.seed == cfg.train.seed
+    # A named preset wins over the run's; no preset and no run: dcase2020.
+    assert training_config("tiny", resume_from=tmp_path) == preset("tiny")
+    fresh = training_config(recipe="log-speed", batch_size=16)
+    assert fresh.preset == "dcase2020" and fresh.train.batch_size == 16
+    assert fresh.model == with_recipe(preset("dcase2020"), "log-speed").model
