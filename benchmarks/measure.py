@@ -18,15 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from msn_edge.runtime.ort_session import ORT_THREADS_IDLE_S
 from msn_edge.runtime.version import __version__
 
 BUSY_LOAD_PER_CORE = 0.25  # 1-min load average above this before a run: flag the timings
-# Pause before each timed call of a round-robin: the previous backend's idle worker
-# threads spin-wait after a call and would otherwise eat into the next backend's call.
-# ONNX Runtime's pool spins for ~50 ms (measured: one core busy for 20 ms pauses, half of
-# one for 100 ms); with a 20 ms pause two ORT backends each ran ~1.8x slower than alone.
-# Every call thus starts with idle threads, as a monitor's call once per hop does.
-THREADS_IDLE_S = 0.2
+# Pause before each timed call of a round-robin (tests shorten it): every call thus starts
+# with idle threads, as a monitor's call once per hop does.
+THREADS_IDLE_S = ORT_THREADS_IDLE_S
 SIGNAL_RMS = 0.1  # synthetic input: white noise at about -20 dBFS
 _MiB = 1 << 20
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.util
 import logging
 import os
 from abc import ABC, abstractmethod
@@ -30,6 +29,7 @@ from msn_edge.runtime.gpu import (
     tensorrt_version,
 )
 from msn_edge.runtime.ort_session import session_options
+from msn_edge.runtime.packages import module_missing
 
 try:  # the base install has none: the extra `cpu` or `gpu` chooses which (ort_install.py)
     import onnxruntime as ort
@@ -40,7 +40,7 @@ except ImportError:
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "cpu", "cuda", "ort-tensorrt", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8")  # every backend's, the CLI's and the export's list
 ORT_CHAIN = ("ort-tensorrt", "cuda", "cpu")  # best first; also each EP's fallback order
 ORT_PROVIDERS = {
     "ort-tensorrt": "TensorrtExecutionProvider",
@@ -71,6 +71,12 @@ def require_onnxruntime():
     if ort is None:
         raise BackendError(ort_install.MISSING)
     return ort
+
+
+def check_precision(precision: str) -> None:
+    """BackendError unless `precision` is one of PRECISIONS."""
+    if precision not in PRECISIONS:
+        raise BackendError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
 
 
 def check_inputs(spec: np.ndarray, spectrum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -163,13 +169,6 @@ class OrtEngine(Engine):
         return np.asarray(emb, dtype=np.float32)
 
 
-def _module_missing(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is None
-    except ModuleNotFoundError:  # a parent package is missing
-        return True
-
-
 @functools.lru_cache(maxsize=1)
 def _gpu_missing_reason() -> str | None:
     """None if the CUDA driver sees a GPU.
@@ -190,9 +189,9 @@ def _gpu_missing_reason() -> str | None:
 
 
 def _native_tensorrt_reason() -> str | None:
-    if _module_missing("tensorrt"):
+    if module_missing("tensorrt"):
         return f"tensorrt not installed ({TENSORRT_HINT})"
-    if _module_missing("cuda.bindings") and _module_missing("cuda.cudart"):
+    if module_missing("cuda.bindings") and module_missing("cuda.cudart"):
         return f"cuda-python not installed ({TENSORRT_HINT})"
     version = tensorrt_version()
     too_old = tensorrt_unsupported(version) if version else None
@@ -351,8 +350,7 @@ def make_engine(
     """
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
-    if precision not in PRECISIONS:
-        raise BackendError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
+    check_precision(precision)
     if ort is None and backend != "tensorrt":
         raise BackendError(ort_install.MISSING)
     reasons = available_backends()

@@ -21,6 +21,11 @@ OPT_LEVELS = {
     "all": "ORT_ENABLE_ALL",
 }
 LOG_ERRORS_ONLY = 3  # ORT severity: 0 verbose ... 3 error; keep stderr for our logs
+# How long to pause before timing a call so that the worker threads of the session that ran
+# before are idle: ONNX Runtime's pool spin-waits ~50 ms after a call (measured: one core
+# busy for 20 ms pauses, half of one for 100 ms; with 20 ms pauses two sessions timed in
+# turn each ran ~1.8x slower than alone). For timings only (bench, the export's report).
+ORT_THREADS_IDLE_S = 0.2
 
 
 def session_options(

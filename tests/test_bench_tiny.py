@@ -28,6 +28,8 @@ from msn_edge.cli import main
 from msn_edge.config import preset
 from msn_edge.synth import synthesize
 
+pytestmark = pytest.mark.slow  # the module's fixture trains, exports and benchmarks
+
 ITERATIONS, WARMUP, BATCH, THREADS = 3, 1, 2, 1
 CPU_ROWS = ("pytorch-eager", "ort-cpu-fp32", "ort-cpu-int8")
 

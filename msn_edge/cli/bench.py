@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from msn_edge.cli import main
+from msn_edge.cli import common, main
 from msn_edge.cli.common import setup_logging, user_errors
 
 
@@ -32,30 +32,20 @@ from msn_edge.cli.common import setup_logging, user_errors
 )
 @click.option("--iterations", default=20, show_default=True, help="Timed calls per batch size.")
 @click.option("--warmup", default=3, show_default=True, help="Untimed calls before timing.")
-@click.option(
-    "--threads",
-    default=os.cpu_count() or 1,
-    show_default=True,
-    help="CPU threads for every backend and for the GEMM peak.",
-)
+@common.threads_option(default=os.cpu_count() or 1)
 @click.option(
     "--checkpoint",
     type=click.Path(exists=True, path_type=Path),
     help="Training run the bundle was exported from: adds the PyTorch eager baseline.",
 )
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also write the full report as JSON here.",
-)
+@common.path_option("--json", "json_path", help="Also write the full report as JSON here.")
 @click.option(
     "--profile",
     is_flag=True,
     help="Also print ONNX Runtime's per-op profile of the CPU model(s): by op type and by "
     "node-name prefix.",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@common.verbose_option
 @user_errors
 def bench_command(
     bundle: Path,
