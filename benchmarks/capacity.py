@@ -43,9 +43,10 @@ from msn_edge.runtime.bundle import read_bundle
 from msn_edge.runtime.detector import SharedEngine
 from msn_edge.runtime.engines import make_engine
 from msn_edge.runtime.frontend import features
-from msn_edge.runtime.monitor import Input, Monitor, Stream
+from msn_edge.runtime.monitor import Input, Monitor
 from msn_edge.runtime.monitor_config import BatchPolicy
 from msn_edge.runtime.sources import LiveSource
+from msn_edge.runtime.stream import Stream
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "dcase2020_id00"

@@ -17,9 +17,10 @@ from msn_edge.runtime.detector import Detector, SharedEngine, check_model_fits
 from msn_edge.runtime.engines import make_engine
 from msn_edge.runtime.enroll import EnrollResult, enroll_first
 from msn_edge.runtime.errors import MsnEdgeError
-from msn_edge.runtime.monitor import Input, Monitor, Observer, Stream, pumped
+from msn_edge.runtime.monitor import Input, Monitor, Observer, pumped
 from msn_edge.runtime.monitor_config import MonitorConfig, StreamSpec, open_source
 from msn_edge.runtime.sources import Source
+from msn_edge.runtime.stream import Stream
 
 log = logging.getLogger(__name__)
 

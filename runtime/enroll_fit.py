@@ -23,7 +23,6 @@ from msn_edge.runtime.bundle import ScoringGroup
 from msn_edge.runtime.enroll_feed import Embedded
 from msn_edge.runtime.errors import MsnEdgeError
 from msn_edge.runtime.frontend import FrontendConfig
-from msn_edge.runtime.monitor import hop_samples
 from msn_edge.runtime.prototypes import (
     CALIBRATION_FRACTION,
     MIN_HOLDOUT,
@@ -32,6 +31,7 @@ from msn_edge.runtime.prototypes import (
     group_prototypes,
 )
 from msn_edge.runtime.scorer import anomaly_scores
+from msn_edge.runtime.stream import hop_samples
 
 SECONDS_PER_DAY = 86_400.0
 

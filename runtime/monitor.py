@@ -2,9 +2,9 @@
 
     inputs      each opened once (a device with all its channels, a file, stdin, a FIFO)
     streams     one per machine: a channel of an input, with its own windower, health
-                counters, alarm state and clock; time is counted in samples
+                counters, alarm state and clock; time is counted in samples (stream.py)
     batches     windows ready across the streams of one engine (one per distinct bundle
-                and precision) go into one call (see `Batcher`)
+                and precision) go into one call (see batcher.py)
     events      window events, and alarm/clear events; UTC only when an event is written
 
 Live inputs (devices, paced files, and stdin/FIFOs when there are several inputs) are
@@ -24,20 +24,17 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-from msn_edge.runtime.alarm import AlarmChange, AlarmState
-from msn_edge.runtime.errors import AudioError, MsnEdgeError
-from msn_edge.runtime.events import ScoredLike, StreamClock, alarm_event, window_event
-from msn_edge.runtime.frontend import FrontendConfig, pcm_to_float
+from msn_edge.runtime.batcher import Batcher
+from msn_edge.runtime.errors import AudioError
 from msn_edge.runtime.monitor_config import BatchPolicy
-from msn_edge.runtime.scorer import Scorer
 from msn_edge.runtime.sources import Chunk, LiveSource, RawPcmSource, Source, SourceStats
-from msn_edge.runtime.windower import Window, Windower
+from msn_edge.runtime.stream import Stream, Summary
 
 log = logging.getLogger(__name__)
 
@@ -45,269 +42,10 @@ PUMP_AHEAD = 2  # chunks a reader thread may hand over ahead of the loop, per in
 WAIT_S = 0.5  # longest the loop sleeps waiting for audio (stop requests, watchdog pings)
 
 
-class BatchScorer(Protocol):
-    """What the monitor needs from an engine shared by streams (detector.SharedEngine)."""
-
-    frontend: FrontendConfig
-    backend: str
-
-    def score_batch(self, windows: np.ndarray, scorers: Sequence[Scorer]) -> list[ScoredLike]: ...
-
-
 class Observer(Protocol):
     """Hooks for metrics: each engine call and each window's time from ready to scored."""
 
     def batch(self, engine: str, size: int, wait_s: float) -> None: ...
-
-
-@dataclass
-class Summary:
-    windows: int = 0
-    anomalous: int = 0
-    invalid: int = 0  # windows that could not be judged (verdict "invalid")
-    alarms: int = 0
-    alarm_active: bool = False  # an alarm was still raised when the monitor stopped
-    overruns: int = 0
-    dropped_samples: int = 0  # lost before the monitor saw them (source queue full)
-    discarded_samples: int = 0  # received but in no window: partial windows at gaps and end
-    reconnects: int = 0
-    audio_s: float = 0.0  # audio received
-    processing_s: float = 0.0  # front-end + inference, this stream's share of its batches
-    wall_s: float = 0.0
-
-    @property
-    def mean_latency_ms(self) -> float:
-        return 1000.0 * self.processing_s / self.windows if self.windows else 0.0
-
-    @property
-    def real_time_factor(self) -> float:
-        """Processing time per second of audio: below 1 keeps up with a live input."""
-        return self.processing_s / self.audio_s if self.audio_s else 0.0
-
-    def line(self) -> str:
-        alarm = ", alarm still active" if self.alarm_active else ""
-        return (
-            f"{self.windows} windows, {self.anomalous} anomalous, {self.invalid} invalid, "
-            f"{self.alarms} alarms{alarm}, "
-            f"{self.overruns} overruns ({self.dropped_samples} samples dropped), "
-            f"{self.discarded_samples} samples in no window, "
-            f"{self.reconnects} reconnects, mean latency {self.mean_latency_ms:.1f} ms, "
-            f"real-time factor {self.real_time_factor:.4f} "
-            f"({self.audio_s:.1f} s of audio in {self.wall_s:.1f} s)"
-        )
-
-
-def hop_samples(frontend: FrontendConfig, hop_s: float | None) -> int:
-    """`--hop` in samples; the window itself when not given."""
-    size = frontend.window_samples
-    if hop_s is None:
-        return size
-    hop = int(round(hop_s * frontend.sample_rate))
-    if not 0 < hop <= size:
-        raise MsnEdgeError(
-            f"--hop must be more than 0 and at most the window ({frontend.window_s:g} s), "
-            f"got {hop_s:g}"
-        )
-    return hop
-
-
-def _log_alarm(stream: str, change: AlarmChange) -> None:
-    if change.kind == "alarm":
-        log.warning(
-            "%s: ALARM: %d anomalous windows in a row since window %d",
-            stream,
-            change.run_windows,
-            change.run_start_index,
-        )
-    else:
-        log.info(
-            "%s: alarm cleared at window %d after %d anomalous windows",
-            stream,
-            change.index,
-            change.run_windows,
-        )
-
-
-class Stream:
-    """One machine: windows from one channel, judged by its scorer, with its own alarm."""
-
-    def __init__(
-        self,
-        name: str,
-        engine: BatchScorer,
-        scorer: Scorer,
-        *,
-        hop_s: float | None = None,
-        alarm_after: int | None = None,
-        max_windows: int | None = None,
-        max_seconds: float | None = None,
-    ) -> None:
-        fe = engine.frontend
-        self.name = name
-        self.engine = engine
-        self.scorer = scorer
-        self.windower = Windower(fe.window_samples, hop_samples(fe, hop_s))
-        self.alarm = AlarmState(alarm_after) if alarm_after else None
-        self.clock = StreamClock(fe.sample_rate)
-        self.max_windows = max_windows
-        self.budget = None if max_seconds is None else int(round(max_seconds * fe.sample_rate))
-        self.summary = Summary()
-        self.ended = False  # its input ended, or a bound was reached
-        self._reported = SourceStats()  # input counters as of the previous window event
-        self._stats = SourceStats()  # input counters as of the latest chunk
-        self._after_gap = False
-        self._emitted = 0  # windows handed out for scoring
-
-    @property
-    def sample_rate(self) -> int:
-        return self.clock.sample_rate
-
-    @property
-    def full(self) -> bool:
-        """A bound was reached: no more windows are wanted."""
-        if self.max_windows is not None and self._emitted >= self.max_windows:
-            return True
-        return self.budget is not None and self.windower.position >= self.budget
-
-    def feed(
-        self,
-        samples: np.ndarray,
-        resumed: bool,
-        arrived_utc: Callable[[], float],
-        stats: SourceStats,
-    ) -> list[Window]:
-        """One chunk of this stream's channel; returns the windows it completes.
-
-        `arrived_utc()` is when the chunk's last sample was received (asked only when the
-        clock needs an anchor: at the start and after a gap).
-        """
-        self._stats = stats
-        if self.ended or self.full:
-            return []
-        if self.budget is not None:
-            samples = samples[: self.budget - self.windower.position]
-        if resumed or self.windower.position == 0:
-            if resumed:
-                self.summary.discarded_samples += self.windower.reset()
-                self._after_gap = True
-                if self.alarm is not None:
-                    self.alarm.gap()
-            rate = self.clock.sample_rate
-            self.clock.anchor(self.windower.position, arrived_utc() - samples.size / rate)
-        windows = self.windower.push(samples)
-        if self.max_windows is not None:
-            windows = windows[: self.max_windows - self._emitted]
-        self._emitted += len(windows)
-        return windows
-
-    def end(self, stats: SourceStats) -> None:
-        """The input ended; `stats` are its final counters."""
-        self._stats = stats
-        self.ended = True
-
-    def events(self, window: Window, scored: ScoredLike) -> list[dict]:
-        """The window's event and, when the alarm state changes, an alarm/clear event."""
-        stats = self._stats
-        out = [
-            window_event(
-                window,
-                scored,
-                clock=self.clock,
-                backend=self.engine.backend,
-                overruns=stats.overruns - self._reported.overruns,
-                dropped_samples=stats.dropped_samples - self._reported.dropped_samples,
-                reconnects=stats.reconnects - self._reported.reconnects,
-                after_gap=self._after_gap,
-                stream=self.name,
-            )
-        ]
-        self._reported, self._after_gap = stats, False
-        s = self.summary
-        s.windows += 1
-        invalid = bool(getattr(scored, "invalid", None))
-        s.anomalous += bool(scored.anomalous) and not invalid
-        s.invalid += invalid
-        s.processing_s += (scored.frontend_ms + scored.inference_ms) / 1000.0
-        if self.alarm is not None and not invalid:  # no verdict: no vote, either way
-            change = self.alarm.update(window.index, scored.anomalous, window.start)
-            if change is not None:
-                end = window.start + self.windower.size
-                out.append(alarm_event(change, clock=self.clock, end=end, stream=self.name))
-                _log_alarm(self.name, change)
-        return out
-
-    def finish(self, wall_s: float) -> Summary:
-        s = self.summary
-        if self.windower.pending:
-            log.warning(
-                "%s: the last %.3f s (%d samples) made no complete window and were not scored",
-                self.name,
-                self.windower.pending / self.sample_rate,
-                self.windower.pending,
-            )
-        s.discarded_samples += self.windower.pending
-        self.windower.reset()
-        s.audio_s = self.windower.position / self.sample_rate
-        s.wall_s = wall_s
-        stats = self._stats
-        s.overruns, s.dropped_samples, s.reconnects = (
-            stats.overruns,
-            stats.dropped_samples,
-            stats.reconnects,
-        )
-        if self.alarm is not None:
-            s.alarms, s.alarm_active = self.alarm.alarms, self.alarm.active
-        return s
-
-
-@dataclass
-class Pending:
-    stream: Stream
-    window: Window
-    ready: float  # time.monotonic() when the window was complete
-
-
-class Batcher:
-    """Ready windows of the streams sharing one engine, and when to score them.
-
-    A batch goes to the engine when it is full (`max_batch`), when every stream still
-    running has a window in it (waiting longer only delays them), when its oldest
-    window has waited `max_wait_s`, or when the input ends.
-    """
-
-    def __init__(self, engine: BatchScorer, streams: list[Stream], policy: BatchPolicy) -> None:
-        self.engine = engine
-        self.streams = streams
-        self.policy = policy
-        self.pending: list[Pending] = []
-        self.calls = 0
-        self.sizes: list[int] = []  # every call's batch size, in order
-
-    def add(self, stream: Stream, windows: list[Window], now: float) -> None:
-        self.pending += [Pending(stream, w, now) for w in windows]
-
-    def deadline(self) -> float | None:
-        return self.pending[0].ready + self.policy.max_wait_s if self.pending else None
-
-    def due(self, now: float) -> bool:
-        if not self.pending:
-            return False
-        if len(self.pending) >= self.policy.max_batch or now >= self.deadline():
-            return True
-        waiting = {id(p.stream) for p in self.pending}
-        return all(id(s) in waiting for s in self.streams if not s.ended)
-
-    def take(self) -> list[Pending]:
-        batch = self.pending[: self.policy.max_batch]
-        self.pending = self.pending[self.policy.max_batch :]
-        return batch
-
-    def score(self, batch: list[Pending]) -> list[ScoredLike]:
-        windows = np.stack([pcm_to_float(p.window.samples) for p in batch])
-        scored = self.engine.score_batch(windows, [p.stream.scorer for p in batch])
-        self.calls += 1
-        self.sizes.append(len(batch))
-        return scored
 
 
 @dataclass

@@ -34,9 +34,10 @@ from msn_edge.cli import main
 from msn_edge.runtime.bundle import read_bundle
 from msn_edge.runtime.capture import list_input_devices, open_device
 from msn_edge.runtime.detector import Detector
-from msn_edge.runtime.monitor import Input, Monitor, Stream, run_monitor
+from msn_edge.runtime.monitor import Input, Monitor, run_monitor
 from msn_edge.runtime.monitor_config import BatchPolicy
 from msn_edge.runtime.sources import Backoff
+from msn_edge.runtime.stream import Stream
 
 CLI = [sys.executable, "-c", "from msn_edge.cli import main; main()"]
 RECORDING_SAMPLES = 60_000  # < 2**16: every sample value of the counter occurs once

@@ -28,9 +28,11 @@ from msn_edge.runtime.bundle import read_bundle
 from msn_edge.runtime.detector import Detector, SharedEngine
 from msn_edge.runtime.engines import make_engine
 from msn_edge.runtime.errors import DeviceError
-from msn_edge.runtime.monitor import Input, Monitor, Stream
-from msn_edge.runtime.monitor_config import BatchPolicy, ConfigError, load_config, parse_config
+from msn_edge.runtime.monitor import Input, Monitor
+from msn_edge.runtime.monitor_config import BatchPolicy, ConfigError
+from msn_edge.runtime.monitor_toml import load_config, parse_config
 from msn_edge.runtime.sources import Backoff, Chunk, LiveSource, Source
+from msn_edge.runtime.stream import Stream
 
 CHUNK = 1000  # samples per device read: a 0.25 s window is four reads
 
