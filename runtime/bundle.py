@@ -9,7 +9,8 @@ kernels run fast; see export/quantize.py), and `prototypes.npy` (float32 unit ro
 Reading trusts nothing: the file (at most MAX_BUNDLE_BYTES) is read once into memory, so
 what is verified is what is used; the manifest's digest and every field are checked; each
 member's declared size is checked against the manifest, its limit and a compression-ratio
-cap before it is inflated, then it is inflated block by block and hashed as it streams.
+cap before it is inflated, then it is inflated block by block and hashed as it streams
+(the zip-level checks live in bundle_zip.py; this module says what the members mean).
 Nothing is ever written to disk. No member can execute code: the manifest is JSON and the
 prototypes' .npy header is parsed and checked against its size before any allocation."""
 
@@ -19,9 +20,7 @@ import hashlib
 import io
 import json
 import math
-import stat
 import zipfile
-import zlib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +28,17 @@ from pathlib import Path
 import numpy as np
 
 from msn_edge.runtime.atomic import atomic_writer
+from msn_edge.runtime.bundle_zip import (
+    MANIFEST,
+    MODEL_MEMBERS,
+    PROTOTYPES,
+    check_declared,
+    check_members,
+    check_names,
+    check_sizes,
+    read_archive,
+    read_member,
+)
 from msn_edge.runtime.errors import BundleError
 from msn_edge.runtime.frontend import FrontendConfig
 from msn_edge.runtime.manifest import (
@@ -40,31 +50,7 @@ from msn_edge.runtime.manifest import (
 )
 from msn_edge.runtime.version import BUNDLE_FORMAT, READABLE_FORMATS, __version__
 
-MANIFEST = "manifest.json"
 BUNDLE_SUFFIX = ".msn"
-PROTOTYPES = "prototypes.npy"
-# Model variant -> member. "int8" is the TensorRT form; "int8-cpu" (format 2 on) the CPU one.
-MODEL_MEMBERS = {
-    "fp32": "model.onnx",
-    "int8": "model.int8.onnx",
-    "int8-cpu": "model.int8-cpu.onnx",
-}
-MiB = 1 << 20
-# Largest uncompressed size accepted per member: a guard against zip bombs and absurd
-# files, with wide headroom (the full MSN is ~42 MB fp32; 64 MiB holds 65 536 prototypes
-# of 256 floats). All are checked against the zip's declared sizes before inflating.
-MEMBER_LIMITS = {
-    MANIFEST: 1 * MiB,
-    MODEL_MEMBERS["fp32"]: 256 * MiB,
-    MODEL_MEMBERS["int8"]: 256 * MiB,
-    MODEL_MEMBERS["int8-cpu"]: 256 * MiB,
-    PROTOTYPES: 64 * MiB,
-}
-MAX_BUNDLE_BYTES = 512 * MiB  # the file, and all members inflated together: an edge box has 4 GB
-MAX_RATIO = 100  # inflated / compressed per member; ONNX weights deflate ~1.1x, JSON ~5x
-RATIO_FLOOR = 1 * MiB  # smaller members may compress as they like: they are cheap anyway
-READ_BLOCK = 1 * MiB  # members are inflated and hashed block by block
-REQUIRED = (MANIFEST, MODEL_MEMBERS["fp32"], PROTOTYPES)
 UNIT_TOLERANCE = 1e-3  # |‖row‖ - 1| allowed for prototype rows (float32 round-off)
 
 
@@ -134,10 +120,6 @@ class Bundle:
     def sha256(self) -> str:
         """sha256 of the bundle file as read."""
         return self._sha256
-
-
-def _size(n: int) -> str:
-    return f"{n // MiB} MiB" if n >= MiB else f"{n} bytes"
 
 
 def _sha256(data: bytes) -> str:
@@ -240,7 +222,7 @@ def pack_bundle(path: str | Path, manifest: dict, members: dict[str, bytes]) -> 
     where = str(path)
     if MANIFEST in members:
         raise BundleError(f"{where}: pass the manifest as a dict, not as a member")
-    _check_names([MANIFEST, *members], where)
+    check_names([MANIFEST, *members], where)
     manifest = {k: v for k, v in manifest.items() if k != DIGEST_KEY}
     manifest["format"] = BUNDLE_FORMAT
     manifest["members"] = {
@@ -251,7 +233,7 @@ def pack_bundle(path: str | Path, manifest: dict, members: dict[str, bytes]) -> 
         manifest_bytes = json.dumps(manifest, indent=2, allow_nan=False).encode()
     except (TypeError, ValueError) as e:
         raise BundleError(f"{where}: the manifest cannot be written as JSON ({e})") from None
-    _check_sizes({MANIFEST: len(manifest_bytes), **{n: len(d) for n, d in members.items()}}, where)
+    check_sizes({MANIFEST: len(manifest_bytes), **{n: len(d) for n, d in members.items()}}, where)
     _decode(manifest, members, where)  # the reader's own checks, before anything is written
 
     try:
@@ -262,117 +244,6 @@ def pack_bundle(path: str | Path, manifest: dict, members: dict[str, bytes]) -> 
     except OSError as e:
         raise BundleError(f"{where}: cannot write the bundle ({e.strerror})") from None
     return path
-
-
-def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
-    """Why a member could escape or trick an extractor, or None if its name is plain."""
-    name = info.filename
-    if stat.S_ISLNK(info.external_attr >> 16):
-        return "is a symbolic link"
-    if "\\" in name or name.startswith("/") or (len(name) > 1 and name[1] == ":"):
-        return "has an absolute or non-POSIX path"
-    if ".." in name.split("/"):
-        return "leaves the archive with '..'"
-    return None
-
-
-def _check_members(infos: list[zipfile.ZipInfo], where: str) -> dict[str, zipfile.ZipInfo]:
-    for info in infos:
-        reason = _unsafe_reason(info)
-        if reason:
-            raise BundleError(f"{where}: unsafe member name '{info.filename}' ({reason})")
-    names = [i.filename for i in infos]
-    if len(set(names)) != len(names):
-        raise BundleError(f"{where}: the archive lists a member twice")
-    if MANIFEST not in names:
-        raise BundleError(f"{where}: missing member '{MANIFEST}'")
-    return {i.filename: i for i in infos}
-
-
-def _check_names(names: list[str], where: str) -> None:
-    """After the format check: a bundle of another format gets that message instead."""
-    for name in names:
-        if name not in MEMBER_LIMITS:
-            raise BundleError(
-                f"{where}: unexpected member '{name}' (a bundle holds only "
-                f"{', '.join(MEMBER_LIMITS)})"
-            )
-    for name in REQUIRED:
-        if name not in names:
-            raise BundleError(f"{where}: missing member '{name}'")
-
-
-def _check_sizes(sizes: dict[str, int], where: str) -> None:
-    """Per-member limits and the total, on sizes as declared (nothing inflated yet)."""
-    for name, size in sizes.items():
-        limit = MEMBER_LIMITS[name]
-        if size > limit:
-            raise BundleError(
-                f"{where}: member '{name}' is {size} bytes, over the limit of {_size(limit)}"
-            )
-    total = sum(sizes.values())
-    if total > MAX_BUNDLE_BYTES:
-        raise BundleError(
-            f"{where}: the members inflate to {total} bytes, over the bundle limit of "
-            f"{_size(MAX_BUNDLE_BYTES)}"
-        )
-
-
-def _check_declared(infos: dict[str, zipfile.ZipInfo], manifest: dict, where: str) -> None:
-    """Before inflating: the zip's sizes agree with the manifest's, and ratios are sane."""
-    listed = manifest["members"]
-    for name in listed:
-        if name not in infos:
-            raise BundleError(f"{where}: missing member '{name}' (listed in the manifest)")
-    for name, info in infos.items():
-        if name == MANIFEST:
-            continue
-        if name not in listed:
-            raise BundleError(f"{where}: unexpected member '{name}' (not in the manifest)")
-        if info.file_size != listed[name]["bytes"]:
-            raise BundleError(
-                f"{where}: member '{name}' is {info.file_size} bytes in the archive, "
-                f"{listed[name]['bytes']} in the manifest (the bundle was modified or damaged)"
-            )
-        if info.file_size > RATIO_FLOOR and info.file_size > MAX_RATIO * info.compress_size:
-            ratio = info.file_size / max(info.compress_size, 1)
-            raise BundleError(
-                f"{where}: member '{name}' would inflate {ratio:.0f}x "
-                f"(more than {MAX_RATIO}x): refused as a decompression bomb"
-            )
-    _check_sizes({n: i.file_size for n, i in infos.items()}, where)
-
-
-def _read_member(
-    zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, sha256: str | None = None
-) -> bytes:
-    """Inflate one member block by block, never past its declared size; hash as it streams."""
-    size = info.file_size
-    if size > MEMBER_LIMITS[info.filename]:
-        _check_sizes({info.filename: size}, where)
-    digest = hashlib.sha256()
-    out = bytearray()
-    try:
-        with zf.open(info) as f:
-            while len(out) <= size:
-                block = f.read(min(READ_BLOCK, size + 1 - len(out)))
-                if not block:
-                    break
-                digest.update(block)
-                out += block
-    except (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, EOFError) as e:
-        raise BundleError(f"{where}: member '{info.filename}' is corrupt ({e})") from None
-    if len(out) != size:
-        raise BundleError(
-            f"{where}: member '{info.filename}' inflates to {len(out)} bytes, "
-            f"its header says {size}"
-        )
-    if sha256 is not None and digest.hexdigest() != sha256:
-        raise BundleError(
-            f"{where}: member '{info.filename}' does not match its sha256 in the manifest "
-            "(the bundle was modified or damaged after export)"
-        )
-    return bytes(out)
 
 
 def _check_format(manifest: dict, where: str) -> None:
@@ -482,40 +353,19 @@ def read_bundle(path: str | Path) -> Bundle:
     the limits and a compression-ratio cap; only then are members inflated, block by
     block, hashed as they stream.
     """
-    path = Path(path)
     where = str(path)
-    try:
-        if not path.is_file() and path.exists() and not path.is_dir():
-            raise BundleError(f"{where}: not a regular file, expected a bundle file (.msn)")
-        size = path.stat().st_size
-        if size > MAX_BUNDLE_BYTES:
-            raise BundleError(
-                f"{where}: {size} bytes, over the bundle limit of {_size(MAX_BUNDLE_BYTES)}"
-            )
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise BundleError(f"{where}: no such bundle file") from None
-    except IsADirectoryError:
-        raise BundleError(f"{where}: is a directory, expected a bundle file (.msn)") from None
-    except OSError as e:
-        raise BundleError(f"{where}: cannot read the bundle ({e.strerror})") from None
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(raw))
-    except (zipfile.BadZipFile, ValueError, EOFError):
-        raise BundleError(
-            f"{where}: not an msn-edge bundle (not a zip archive, or the file is truncated)"
-        ) from None
+    raw, zf = read_archive(Path(path))
     with zf:
-        infos = _check_members(zf.infolist(), where)
-        manifest = parse_json(_read_member(zf, infos[MANIFEST], where), where)
+        infos = check_members(zf.infolist(), where)
+        manifest = parse_json(read_member(zf, infos[MANIFEST], where), where)
         _check_format(manifest, where)
         check_digest(manifest, where)
         check_manifest(manifest, where)
-        _check_names(list(infos), where)
-        _check_declared(infos, manifest, where)
+        check_names(list(infos), where)
+        check_declared(infos, manifest, where)
         listed = manifest["members"]
         members = {
-            n: _read_member(zf, i, where, listed[n]["sha256"])
+            n: read_member(zf, i, where, listed[n]["sha256"])
             for n, i in infos.items()
             if n != MANIFEST
         }

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from toy_bundle import make_toy_bundle
 
-from msn_edge.runtime import bundle as bundle_mod
+from msn_edge.runtime import bundle_zip
 from msn_edge.runtime.bundle import ScoringGroup, read_bundle, write_bundle
 from msn_edge.runtime.errors import BundleError
 from msn_edge.runtime.frontend import FrontendConfig
@@ -349,7 +349,7 @@ def test_not_a_zip_missing_file_and_directory(tmp_path):
 
 
 def test_member_over_size_limit(good, monkeypatch):
-    monkeypatch.setitem(bundle_mod.MEMBER_LIMITS, "model.onnx", 8)
+    monkeypatch.setitem(bundle_zip.MEMBER_LIMITS, "model.onnx", 8)
     with pytest.raises(
         BundleError, match=r"member 'model\.onnx' is 16 bytes, over the limit of 8 bytes"
     ):

@@ -18,6 +18,7 @@ from toy_bundle import anomalous_signal, make_toy_bundle, normal_signal, toy_fro
 
 from msn_edge.cli import main
 from msn_edge.runtime import bundle as bundle_mod
+from msn_edge.runtime import bundle_zip
 from msn_edge.runtime.audio import read_audio, read_clip, unjudgeable
 from msn_edge.runtime.bundle import read_bundle
 from msn_edge.runtime.errors import AudioError, BundleError, MsnEdgeError
@@ -176,7 +177,7 @@ def test_bundle_size_cap_and_ratio_are_checked_before_inflating(toy, tmp_path, m
     assert path.stat().st_size < 64 << 10
     with pytest.raises(BundleError, match=r"would inflate \d+x .*decompression bomb"):
         read_bundle(path)
-    monkeypatch.setattr(bundle_mod, "MAX_BUNDLE_BYTES", 1000)
+    monkeypatch.setattr(bundle_zip, "MAX_BUNDLE_BYTES", 1000)
     with pytest.raises(BundleError, match="over the bundle limit of 1000 bytes"):
         read_bundle(toy)
 
