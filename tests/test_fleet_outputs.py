@@ -34,7 +34,8 @@ from stream_helpers import RATE
 from toy_bundle import anomalous_signal, make_toy_bundle, normal_signal, toy_frontend
 
 from msn_edge.runtime.assemble import open_monitor
-from msn_edge.runtime.monitor_config import MqttSettings, load_config
+from msn_edge.runtime.monitor_config import MqttSettings
+from msn_edge.runtime.monitor_toml import load_config
 
 CLI = [sys.executable, "-c", "from msn_edge.cli import main; main()"]
 PREFIX = "test/box"

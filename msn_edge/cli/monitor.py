@@ -19,10 +19,10 @@ from msn_edge.runtime.events import EventSink
 from msn_edge.runtime.monitor_config import (
     BatchPolicy,
     MonitorConfig,
-    load_config,
     simple_config,
     with_outputs,
 )
+from msn_edge.runtime.monitor_toml import load_config
 from msn_edge.runtime.plot import plot_timeline
 from msn_edge.runtime.sdnotify import Notifier
 
