@@ -10,8 +10,8 @@ Capture runs `arecord` (alsa-utils) as a child process rather than PortAudio:
   PortAudio sees a re-plugged device only after re-initialising. arecord just exits;
   the monitor kills or restarts a child process whatever state it is in.
 - arecord reports each overrun itself ("overrun!!! (at least N ms long)") and recovers.
-PortAudio (sounddevice) remains for systems without arecord, and can be chosen with
-`capture="portaudio"`.
+PortAudio (sounddevice, portaudio.py) remains for systems without arecord, and can be
+chosen with `capture="portaudio"`.
 """
 
 from __future__ import annotations
@@ -26,9 +26,7 @@ import signal
 import subprocess
 import threading
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 
@@ -42,7 +40,6 @@ from msn_edge.runtime.sources import (
 )
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 PIPE_BYTES = 1 << 20  # arecord's stdout pipe: 32 s of 16 kHz int16 instead of Linux's 2 s
 ARECORD_STOP_S = 2.0  # grace time for arecord to exit on SIGTERM before SIGKILL
@@ -56,7 +53,7 @@ def plug_alternative(name: str) -> str:
     return name if name.startswith(("plughw:", "plug:")) else f"plug:{name}"
 
 
-def _format_hint(name: str, sample_rate: int, channels: int = 1) -> str:
+def format_hint(name: str, sample_rate: int, channels: int = 1) -> str:
     layout = "mono" if channels == 1 else f"{channels}-channel"
     return (
         f"ALSA device {name!r} cannot give {sample_rate} Hz {layout} 16-bit audio; "
@@ -79,7 +76,7 @@ def arecord_error(
     """One clear DeviceError from what arecord printed (and how it ended)."""
     text = "\n".join(stderr_lines)
     if _RATE_WARNING.search(text) or any(f in text for f in _FORMAT_ERRORS):
-        return DeviceError(_format_hint(name, sample_rate, channels))
+        return DeviceError(format_hint(name, sample_rate, channels))
     if "Unknown PCM" in text or "No such file or directory" in text:
         return DeviceError(f"ALSA device {name!r} not found; `msn-edge devices` lists the inputs")
     if "Device or resource busy" in text:
@@ -98,7 +95,7 @@ def arecord_error(
     return DeviceError(f"ALSA device {name!r}: arecord stopped ({detail})")
 
 
-def _frames(data: bytes, channels: int) -> np.ndarray:
+def frames(data: bytes, channels: int) -> np.ndarray:
     """Interleaved s16le -> (n,) for mono, (n, channels) otherwise; a partial frame is cut."""
     frame = 2 * channels
     pcm = np.frombuffer(data[: len(data) - len(data) % frame], dtype="<i2").astype(np.int16)
@@ -160,7 +157,7 @@ class ArecordReader:
                 self._proc.returncode,
                 self.channels,
             )
-        return _frames(data, self.channels)
+        return frames(data, self.channels)
 
     def close(self) -> None:
         if self._proc.poll() is None:
@@ -215,135 +212,6 @@ class ArecordReader:
             self._lines.append(line)
 
 
-def _sounddevice():
-    try:
-        import sounddevice
-    except OSError as e:  # the package is there but libportaudio2 is not
-        raise DeviceError(
-            f"PortAudio is not available ({e}); run scripts/install-system-deps.sh"
-        ) from None
-    return sounddevice
-
-
-_HW_NAME = re.compile(r"^hw:(\d+)(?:,(\d+))?$")
-
-
-class _PortAudioStreams:
-    """The PortAudio streams this process has open, and the device re-scan that needs none.
-
-    PortAudio lists devices (and reads the ALSA configuration) only when it initialises, so
-    a device plugged in since the import is not found. sounddevice has no public call to
-    list them afresh: its maintainer's advice (python-sounddevice issues #47, #125, #516)
-    is to restart PortAudio with its private `_terminate()` / `_initialize()`, which wrap
-    `Pa_Terminate` / `Pa_Initialize`. The final `Pa_Terminate` closes every open stream
-    of the process, so the restart is done only while this process has none open; should
-    a sounddevice release drop the two functions, the list is the one PortAudio has.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.count = 0  # streams open now
-
-    def open(self, sd, start: Callable[[], T]) -> T:
-        """`start()` (which opens and starts a stream), after a re-scan if none is open."""
-        with self._lock:  # no other thread opens one between the re-scan and this one
-            if self.count:
-                log.debug("PortAudio devices not re-scanned: %d stream(s) open", self.count)
-            elif callable(getattr(sd, "_terminate", None)) and callable(
-                getattr(sd, "_initialize", None)
-            ):
-                sd._terminate()
-                sd._initialize()
-            else:
-                log.debug("this sounddevice cannot restart PortAudio: devices not re-scanned")
-            stream = start()
-            self.count += 1
-        return stream
-
-    def closed(self) -> None:
-        with self._lock:
-            self.count -= 1
-
-
-PORTAUDIO_STREAMS = _PortAudioStreams()
-
-
-def portaudio_input(sd, name: str) -> int:
-    """PortAudio's index for an input named like ALSA does (`default`, `hw:1,0`, a PCM)."""
-    devices = [(i, d) for i, d in enumerate(sd.query_devices()) if d["max_input_channels"] > 0]
-    for i, d in devices:
-        if d["name"] == name:
-            return i
-    hw = _HW_NAME.match(name)
-    if hw:  # PortAudio names cards "USB Audio Device: USB Audio (hw:1,0)"
-        tag = f"(hw:{hw.group(1)},{hw.group(2) or 0})"
-        for i, d in devices:
-            if d["name"].endswith(tag):
-                return i
-    listed = ", ".join(repr(d["name"]) for _, d in devices) or "none"
-    raise DeviceError(
-        f"PortAudio has no input named {name!r} (it lists: {listed}); "
-        "install alsa-utils so that any ALSA name opens through arecord"
-    )
-
-
-class PortAudioReader:
-    """Capture through PortAudio (sounddevice) where arecord is not installed."""
-
-    def __init__(self, device: str, sample_rate: int, channels: int = 1) -> None:
-        sd = _sounddevice()
-        self._sd = sd
-        self.device = device
-        self.channels = channels
-        self.overruns = 0
-        self._chunk = chunk_samples(sample_rate)
-        self._stream = None
-        self._stream = PORTAUDIO_STREAMS.open(sd, lambda: self._start(sample_rate))
-
-    def _start(self, sample_rate: int):
-        sd, device, channels = self._sd, self.device, self.channels
-        index = portaudio_input(sd, device)
-        try:
-            sd.check_input_settings(index, channels=channels, dtype="int16", samplerate=sample_rate)
-        except sd.PortAudioError:
-            raise DeviceError(_format_hint(device, sample_rate, channels)) from None
-        try:
-            stream = sd.RawInputStream(
-                device=index,
-                samplerate=sample_rate,
-                channels=channels,
-                dtype="int16",
-                blocksize=self._chunk,
-                latency="high",
-            )
-        except sd.PortAudioError as e:
-            raise DeviceError(f"ALSA device {device!r} cannot be opened ({e})") from None
-        try:
-            stream.start()
-        except sd.PortAudioError as e:
-            with contextlib.suppress(sd.PortAudioError):
-                stream.close()
-            raise DeviceError(f"ALSA device {device!r} cannot be opened ({e})") from None
-        return stream
-
-    def read(self) -> np.ndarray | None:
-        try:
-            data, overflowed = self._stream.read(self._chunk)
-        except self._sd.PortAudioError as e:
-            raise DeviceError(f"ALSA device {self.device!r} failed ({e})") from None
-        self.overruns += bool(overflowed)
-        return _frames(bytes(data), self.channels)
-
-    def close(self) -> None:
-        if self._stream is None:
-            return
-        with contextlib.suppress(self._sd.PortAudioError):
-            self._stream.abort()
-            self._stream.close()
-        self._stream = None
-        PORTAUDIO_STREAMS.closed()
-
-
 def open_device(
     name: str,
     sample_rate: int,
@@ -367,7 +235,12 @@ def open_device(
             log.info("arecord not found: capturing through PortAudio")
     if capture == "arecord" and not shutil.which("arecord"):
         raise DeviceError("arecord not found; run scripts/install-system-deps.sh")
-    reader = ArecordReader if capture == "arecord" else PortAudioReader
+    if capture == "arecord":
+        reader = ArecordReader
+    else:
+        from msn_edge.runtime.portaudio import PortAudioReader  # loaded only when chosen
+
+        reader = PortAudioReader
     return LiveSource(
         name,
         sample_rate,
@@ -419,7 +292,9 @@ def list_input_devices() -> list[InputDevice]:
         cards = subprocess.run(["arecord", "-l"], capture_output=True, text=True, env=env)
         pcms = subprocess.run(["arecord", "-L"], capture_output=True, text=True, env=env)
         return parse_arecord_l(cards.stdout) + parse_arecord_big_l(pcms.stdout)
-    sd = _sounddevice()
+    from msn_edge.runtime.portaudio import load_sounddevice
+
+    sd = load_sounddevice()
     return [
         InputDevice(d["name"], f"PortAudio, {d['max_input_channels']} input channel(s)")
         for d in sd.query_devices()

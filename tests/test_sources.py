@@ -20,16 +20,16 @@ import pytest
 import soundfile as sf
 from stream_helpers import RATE, counter, pcm16
 
-from msn_edge.runtime import capture
+from msn_edge.runtime import portaudio
 from msn_edge.runtime.capture import (
     ArecordReader,
     arecord_error,
     parse_arecord_big_l,
     parse_arecord_l,
     plug_alternative,
-    portaudio_input,
 )
 from msn_edge.runtime.errors import AudioError, DeviceError
+from msn_edge.runtime.portaudio import portaudio_input
 from msn_edge.runtime.sources import Backoff, FileSource, LiveSource, RawPcmSource, open_input
 
 FAST = Backoff(first_s=0.01, max_s=0.02)
@@ -471,26 +471,26 @@ class FakePortAudio(FakeSoundDevice):
 
 def test_portaudio_rescans_devices_only_while_no_stream_is_open(monkeypatch):
     sd = FakePortAudio()
-    monkeypatch.setattr(capture, "_sounddevice", lambda: sd)
-    first = capture.PortAudioReader("hw:1", 16_000)
+    monkeypatch.setattr(portaudio, "load_sounddevice", lambda: sd)
+    first = portaudio.PortAudioReader("hw:1", 16_000)
     assert sd.restarts == 1  # a device plugged in since the import is found
-    second = capture.PortAudioReader("hw:0,0", 16_000)
+    second = portaudio.PortAudioReader("hw:0,0", 16_000)
     assert sd.restarts == 1  # restarting PortAudio now would close the first stream
     np.testing.assert_array_equal(first.read()[:3], [0, 1, 2])
     np.testing.assert_array_equal(second.read()[:3], [0, 1, 2])
     first.close()
     second.close()
     second.close()  # closing twice counts once
-    third = capture.PortAudioReader("default", 16_000)
+    third = portaudio.PortAudioReader("default", 16_000)
     assert sd.restarts == 2 and third.read().size > 0
     third.close()
-    assert capture.PORTAUDIO_STREAMS.count == 0
+    assert portaudio.PORTAUDIO_STREAMS.count == 0
 
 
 def test_portaudio_without_the_restart_functions_still_opens(monkeypatch):
     sd = FakePortAudio(can_restart=False)
-    monkeypatch.setattr(capture, "_sounddevice", lambda: sd)
-    reader = capture.PortAudioReader("hw:1", 16_000)
+    monkeypatch.setattr(portaudio, "load_sounddevice", lambda: sd)
+    reader = portaudio.PortAudioReader("hw:1", 16_000)
     assert sd.restarts == 0 and reader.read().size > 0
     reader.close()
-    assert capture.PORTAUDIO_STREAMS.count == 0
+    assert portaudio.PORTAUDIO_STREAMS.count == 0
