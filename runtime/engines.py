@@ -1,9 +1,9 @@
 """Inference backends: one small class per backend, all with `embed(spec, spectrum)`.
 
 ONNX Runtime runs the bundle's ONNX on the CPU, on CUDA, or through its TensorRT execution
-provider; the native TensorRT backend (tensorrt_engine.py) builds and caches its own
-engine. GPU packages are optional: a backend that cannot run here says why and what to
-install, and `auto` takes the best one that can.
+provider (options in ort_tensorrt.py); the native TensorRT backend (tensorrt_engine.py)
+builds and caches its own engine. GPU packages are optional: a backend that cannot run
+here says why and what to install, and `auto` takes the best one that can.
 """
 
 from __future__ import annotations
@@ -13,22 +13,21 @@ import functools
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 from msn_edge.runtime import ort_install
 from msn_edge.runtime.bundle import Bundle
-from msn_edge.runtime.engine_cache import DEFAULT_MAX_BATCH, engine_cache_key
+from msn_edge.runtime.engine_cache import DEFAULT_MAX_BATCH
 from msn_edge.runtime.errors import BackendError
 from msn_edge.runtime.gpu import (
     ort_tensorrt_mismatch,
-    query_gpu,
     tensorrt_unsupported,
     tensorrt_version,
 )
 from msn_edge.runtime.ort_session import session_options
+from msn_edge.runtime.ort_tensorrt import ort_tensorrt_cache_folder, ort_tensorrt_options
 from msn_edge.runtime.packages import module_missing
 
 try:  # the base install has none: the extra `cpu` or `gpu` chooses which (ort_install.py)
@@ -276,62 +275,6 @@ def model_inputs(model: bytes) -> dict[str, tuple[int, ...]]:
     return inputs
 
 
-def profile_shape_options(
-    inputs: Mapping[str, tuple[int, ...]], max_batch: int, opt_batch: int = 1
-) -> dict[str, str]:
-    """ONNX Runtime TensorRT provider options for one optimisation profile, batch 1 to
-    `max_batch` (tuned for `opt_batch`): without them, the provider builds an engine for
-    the first batch size it sees and rebuilds (minutes on a Jetson) for every larger one."""
-    if not 1 <= opt_batch <= max_batch:
-        raise BackendError(f"profile batch range 1..{max_batch} does not contain {opt_batch}")
-
-    def shapes(batch: int) -> str:
-        return ",".join(
-            f"{name}:{'x'.join(str(d) for d in (batch, *dims))}" for name, dims in inputs.items()
-        )
-
-    return {
-        "trt_profile_min_shapes": shapes(1),
-        "trt_profile_opt_shapes": shapes(opt_batch),
-        "trt_profile_max_shapes": shapes(max_batch),
-    }
-
-
-def ort_tensorrt_options(
-    folder: Path, precision: str, inputs: Mapping[str, tuple[int, ...]], max_batch: int
-) -> dict:
-    """The TensorRT provider's options: profile shapes, precision flags, and its engine and
-    timing caches in `folder`, which must be keyed by everything the engines depend on."""
-    return {
-        "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": str(folder),
-        "trt_timing_cache_enable": True,
-        "trt_timing_cache_path": str(folder),
-        "trt_fp16_enable": precision == "fp16",
-        # Q/DQ models carry their own scales: int8 needs no calibration table, only the flag.
-        "trt_int8_enable": precision == "int8",
-        **profile_shape_options(inputs, max_batch),
-    }
-
-
-def ort_tensorrt_cache_folder(
-    cache_dir: Path, stem: str, model: bytes, precision: str, max_batch: int
-) -> Path:
-    """`<stem>.ort-trt/<precision>-<key hash>`: ONNX Runtime names cached engines by graph
-    and compute capability only, so one folder per full key (model sha256, TensorRT and
-    ONNX Runtime versions, GPU name, SM count, memory, batch limit) keeps it from loading
-    an engine built for another model, TensorRT or Orin module."""
-    key = engine_cache_key(
-        model,
-        precision,
-        tensorrt_version=tensorrt_version() or "unknown",
-        gpu=query_gpu(),
-        max_batch=max_batch,
-        builder=f"onnxruntime {ort.__version__}",
-    )
-    return Path(cache_dir) / f"{stem}.ort-trt" / f"{precision}-{key.digest}"
-
-
 def make_engine(
     bundle: Bundle,
     backend: str = "auto",
@@ -390,7 +333,7 @@ def make_engine(
         if b == "ort-tensorrt":
             max_batch = DEFAULT_MAX_BATCH
             folder = ort_tensorrt_cache_folder(
-                cache_dir, bundle.path.name, model, precision, max_batch
+                cache_dir, bundle.path.name, model, precision, max_batch, ort.__version__
             )
             folder.mkdir(parents=True, exist_ok=True)
             options = ort_tensorrt_options(folder, precision, model_inputs(model), max_batch)

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from toy_bundle import make_toy_bundle, normal_signal
 
-from msn_edge.runtime import engines
+from msn_edge.runtime import engines, ort_tensorrt
 from msn_edge.runtime import tensorrt_engine as trt_engine
 from msn_edge.runtime.bundle import read_bundle
 from msn_edge.runtime.engine_cache import load_cached_engine
-from msn_edge.runtime.engines import OrtEngine, make_engine, model_inputs, profile_shape_options
+from msn_edge.runtime.engines import OrtEngine, make_engine, model_inputs
 from msn_edge.runtime.errors import BackendError
 from msn_edge.runtime.frontend import features
 from msn_edge.runtime.gpu import (
@@ -29,6 +29,7 @@ from msn_edge.runtime.gpu import (
     tensorrt_unsupported,
     version_tuple,
 )
+from msn_edge.runtime.ort_tensorrt import profile_shape_options
 
 ORIN_NANO = GpuIdentity("Orin", "8.7", 8, 7620)
 AGX_ORIN = GpuIdentity("Orin", "8.7", 16, 62_841)
@@ -138,8 +139,8 @@ def fake_gpu_box(monkeypatch):
     """This machine as a Jetson whose onnxruntime has the TensorRT provider."""
     box = SimpleNamespace(gpu=ORIN_NANO, trt="10.3.0", sessions=[])
     monkeypatch.setattr(engines, "available_backends", lambda: dict.fromkeys(engines.BACKENDS))
-    monkeypatch.setattr(engines, "query_gpu", lambda: box.gpu)
-    monkeypatch.setattr(engines, "tensorrt_version", lambda: box.trt)
+    monkeypatch.setattr(ort_tensorrt, "query_gpu", lambda: box.gpu)
+    monkeypatch.setattr(ort_tensorrt, "tensorrt_version", lambda: box.trt)
 
     class Session:  # records what the provider is given; pretends it started
         def __init__(self, model, **kwargs):
