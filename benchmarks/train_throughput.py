@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader
 from msn_edge.config import Config, preset
 from msn_edge.loss import SubClusterAdaCos
 from msn_edge.model import MSN
-from msn_edge.training import Classifier, MixupSet, Stepper
+from msn_edge.train_data import MixupSet
+from msn_edge.training import Classifier, Stepper
 
 N_CLASSES = 8
 N_CLIPS = 64  # distinct clips in memory; items cycle through them

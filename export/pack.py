@@ -32,7 +32,7 @@ from msn_edge.runtime.bundle import MODEL_MEMBERS, is_bundle_file, write_bundle
 from msn_edge.runtime.engines import check_precision
 from msn_edge.runtime.errors import DatasetError, MsnEdgeError
 from msn_edge.runtime.frontend import FrontendConfig, fit_window
-from msn_edge.training import training_clips
+from msn_edge.train_data import training_clips
 
 log = logging.getLogger(__name__)
 

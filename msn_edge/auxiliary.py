@@ -136,7 +136,7 @@ def build_classes(
     speeds = config.train.speed_classes
     if speeds:
         # Every class at every speed: enough classes whatever the data; the training set
-        # draws the speeds on the fly (msn_edge.training.MixupSet).
+        # draws the speeds on the fly (msn_edge.train_data.MixupSet).
         if aux in ("synth", "both"):
             raise DatasetError(
                 f"--aux {aux} adds synthetic machines to the paper's recipe; this config "

@@ -11,7 +11,8 @@ The batch size is global: each of W processes takes batch_size / W clips per ste
 Every random choice of a clip (offset, mixup partner and λ, smoothing factor) is drawn
 from a generator seeded by (seed, epoch, clip index), and the order from the sampler's
 (seed, epoch): a run is the same with any number of DataLoader workers, and a resumed
-run continues exactly where the interrupted one would have gone.
+run continues exactly where the interrupted one would have gone. The data pipeline is
+train_data.py; what Ctrl-C and SIGTERM do, interrupts.py.
 """
 
 from __future__ import annotations
@@ -20,23 +21,21 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from msn_edge import prototypes
-from msn_edge.auxiliary import ClassPlan, build_classes, play_at_speed
+from msn_edge.auxiliary import ClassPlan, build_classes
 from msn_edge.checkpoint import (
     CHECKPOINT_FILE,
     CheckpointError,
@@ -45,8 +44,8 @@ from msn_edge.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from msn_edge.config import Config, TrainConfig
-from msn_edge.datasets import Clip, load_wave, scan
+from msn_edge.config import Config
+from msn_edge.datasets import Clip
 from msn_edge.devices import (
     DistEnv,
     amp_choice,
@@ -55,10 +54,11 @@ from msn_edge.devices import (
     process_group_args,
     training_device,
 )
+from msn_edge.interrupts import signals_deferred, sigterm_as_interrupt
 from msn_edge.loss import SubClusterAdaCos
 from msn_edge.model import MSN
 from msn_edge.runtime.errors import DatasetError, MsnEdgeError
-from msn_edge.runtime.frontend import FrontendConfig, features, fit_window
+from msn_edge.train_data import MixupSet, load_waves, training_clips
 
 log = logging.getLogger(__name__)
 
@@ -78,68 +78,6 @@ class TrainResult:
     interrupted: bool = False  # Ctrl-C / SIGTERM: stopped, the last checkpoint kept
     scoring_fitted: bool = False
     model: MSN | None = None  # the trained network, unwrapped, on the training device
-
-
-class MixupSet(Dataset):
-    """Waveforms in memory -> (spectrogram, spectrum, soft target), mixed or smoothed.
-
-    A share `mixup_prob` of clips is mixed at the waveform level with a random partner
-    (any class): λ·a + (1−λ)·b, λ ~ Beta(α, α), target λ·y_a + (1−λ)·y_b. The rest get
-    label smoothing (1−ε)·y + ε/C with ε ~ U(0, label_smoothing_max). The numpy
-    front-end runs here, in the DataLoader workers.
-    """
-
-    def __init__(
-        self,
-        waves: Sequence[np.ndarray],
-        labels: Sequence[int],
-        n_classes: int,
-        frontend: FrontendConfig,
-        train: TrainConfig,
-    ):
-        self.waves = list(waves)
-        self.labels = np.asarray(labels)
-        self.n_classes = n_classes
-        self.frontend = frontend
-        self.train = train
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.waves)
-
-    def _window(self, i: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-        """A window of clip i, and its label: with `speed_classes`, the clip is played
-        at a speed drawn uniformly from (1, *speeds), each speed a class of its own."""
-        wave, label = self.waves[i], int(self.labels[i])
-        speeds = self.train.speed_classes
-        k = int(rng.integers(len(speeds) + 1)) if speeds else 0
-        if k:
-            wave = play_at_speed(wave, speeds[k - 1])
-            n_real = self.n_classes // (len(speeds) + 1)
-            label = n_real + label * len(speeds) + k - 1
-        offset = int(rng.integers(wave.size)) if self.train.random_offset else 0
-        return fit_window(wave, self.frontend.window_samples, offset), label
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng((self.train.seed, self.epoch, i))
-        target = np.zeros(self.n_classes, dtype=np.float32)
-        window, label = self._window(i, rng)
-        if rng.random() < self.train.mixup_prob:
-            j = int(rng.integers(len(self)))
-            lam = rng.beta(self.train.mixup_alpha, self.train.mixup_alpha)
-            partner, label_j = self._window(j, rng)
-            window = lam * window + (1 - lam) * partner
-            target[label] += lam
-            target[label_j] += 1 - lam
-        else:
-            eps = rng.uniform(0, self.train.label_smoothing_max)
-            target += eps / self.n_classes
-            target[label] += 1 - eps
-        spec, spectrum = features(window.astype(np.float32), self.frontend)
-        return torch.from_numpy(spec), torch.from_numpy(spectrum), torch.from_numpy(target)
 
 
 class Classifier(nn.Module):
@@ -221,60 +159,6 @@ def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
     return training_device(device, local_rank=local_rank, cuda_count=cuda_count)
 
 
-def training_clips(roots: Sequence[Path]) -> list[Clip]:
-    """The split=="train", label=="normal" clips of every root (what MSN learns from)."""
-    clips = []
-    for root in roots:
-        found = [c for c in scan(Path(root), split="train") if c.label == "normal"]
-        if not found:
-            raise DatasetError(f"{root}: no normal training clips found")
-        clips += found
-    return clips
-
-
-def _load_waves(clips: Sequence[Clip], frontend: FrontendConfig, progress: bool) -> list:
-    """Every clip decoded once and kept in memory (a 10 s clip is 640 KB)."""
-    bar = tqdm(clips, desc="reading audio", unit="clip", disable=not progress, leave=False)
-    return [load_wave(c, frontend) for c in bar]
-
-
-@contextmanager
-def _handling(signals: tuple[int, ...], handler) -> Iterator[None]:
-    """`handler` for `signals` during the block, then the previous handlers. A signal
-    ignored at start (`nohup`, a background job) stays ignored; outside the main thread
-    signals are left alone."""
-    wanted = [s for s in signals if signal.getsignal(s) != signal.SIG_IGN]
-    try:
-        previous = {s: signal.signal(s, handler) for s in wanted}
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        for s, old in previous.items():
-            signal.signal(s, old)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def _sigterm_as_interrupt() -> AbstractContextManager[None]:
-    """SIGTERM (e.g. from a scheduler) stops training the way Ctrl-C does."""
-    return _handling((signal.SIGTERM,), _raise_interrupt)
-
-
-@contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block is done, then stop as usual."""
-    received = []
-    with _handling((signal.SIGINT, signal.SIGTERM), lambda signum, frame: received.append(signum)):
-        yield
-    if received:
-        raise KeyboardInterrupt
-
-
 @contextmanager
 def _quiet_unless(main: bool) -> Iterator[None]:
     """Only rank 0 logs: the other ranks' msn_edge loggers show errors only."""
@@ -337,7 +221,7 @@ def train(
     if ddp.world > 1 and not dist.is_initialized():
         dist.init_process_group(**process_group_args(dev))
     try:
-        with _sigterm_as_interrupt(), _quiet_unless(ddp.main):
+        with sigterm_as_interrupt(), _quiet_unless(ddp.main):
             run = _Run(ddp, dev, Path(run_dir), config, progress and ddp.main)
             return run.fit(data_roots, resume=resume, aux=aux, fit_scoring=fit_scoring)
     finally:
@@ -366,7 +250,7 @@ class _Run:
             )
         tc = self.config.train
         clips = training_clips(data_roots)
-        waves = _load_waves(clips, self.config.frontend, self.show)
+        waves = load_waves(clips, self.config.frontend, self.show)
         plan = build_classes(clips, waves, self.config, aux=aux)
         log.info("%d clips, %d classes: %s", len(clips), len(plan.classes), ", ".join(plan.classes))
         self._build(len(plan.classes))
@@ -401,7 +285,7 @@ class _Run:
         try:
             for epoch in range(start, self.epochs):
                 loss, record = self._epoch(dataset, epoch)
-                with _signals_deferred():  # an epoch is saved whole, or not at all
+                with signals_deferred():  # an epoch is saved whole, or not at all
                     if self.ddp.main:
                         result.checkpoint = self._save(epoch + 1, record)
                     result.losses.append(loss)

@@ -24,7 +24,7 @@ from msn_edge.cli import main
 from msn_edge.config import Config
 from msn_edge.model import MSN
 from msn_edge.prototypes import fit_scoring, save_scoring
-from msn_edge.training import training_clips
+from msn_edge.train_data import training_clips
 
 
 def random_model(config: Config, seed: int) -> MSN:

@@ -25,10 +25,12 @@ from msn_edge.checkpoint import (
 from msn_edge.cli import main
 from msn_edge.config import preset, training_config, with_recipe
 from msn_edge.datasets import scan
+from msn_edge.interrupts import signals_deferred, sigterm_as_interrupt
 from msn_edge.model import MSN, count_macs
 from msn_edge.prototypes import load_scoring
 from msn_edge.runtime.errors import DatasetError
-from msn_edge.training import MixupSet, _signals_deferred, _sigterm_as_interrupt, train
+from msn_edge.train_data import MixupSet
+from msn_edge.training import train
 
 SR = 16_000
 
@@ -304,7 +306,7 @@ def test_resume_refuses_other_classes(data, one_class, tmp_path):
 
 
 def test_sigterm_stops_like_ctrl_c():
-    with pytest.raises(KeyboardInterrupt), _sigterm_as_interrupt():
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
@@ -326,7 +328,7 @@ def _ctrl_c_as_in_a_terminal() -> None:
 
 def test_a_save_is_not_cut_short_by_ctrl_c(ctrl_c_raises):
     done = []
-    with pytest.raises(KeyboardInterrupt), _signals_deferred():
+    with pytest.raises(KeyboardInterrupt), signals_deferred():
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.1)
         done.append(True)  # the block ran to its end first
@@ -337,7 +339,7 @@ def test_a_save_is_not_cut_short_by_ctrl_c(ctrl_c_raises):
 def test_an_ignored_ctrl_c_stays_ignored_during_a_save():
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under nohup
     try:
-        with _signals_deferred():
+        with signals_deferred():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.1)
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # and no KeyboardInterrupt
