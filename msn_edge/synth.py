@@ -20,6 +20,9 @@ Each machine ID is a distinct machine (its own speeds, resonances and levels, dr
 the seed); each clip varies in phase, speed, gain and noise. Fault levels are stated
 relative to the clip (ANOMALY_DB) so that a small model does clearly better than chance
 without the task being trivial.
+
+One file on purpose (over 400 lines): the three families share their building blocks
+(noise shapes, impacts, levels, fault gating) and read best side by side.
 """
 
 from __future__ import annotations
