@@ -42,6 +42,18 @@ from msn_edge.runtime.stream import Stream
 CLI = [sys.executable, "-c", "from msn_edge.cli import main; main()"]
 RECORDING_SAMPLES = 60_000  # < 2**16: every sample value of the counter occurs once
 
+
+def monitor_cli(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`msn-edge monitor ARGS` in a child process (with a fake ALSA configuration in env)."""
+    return subprocess.run(
+        [*CLI, "monitor", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+def events_of(proc: subprocess.CompletedProcess) -> list[dict]:
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
 ASOUNDRC = """\
 pcm.msnfile {{
     type file
@@ -138,13 +150,7 @@ def test_devices_lists_the_asoundrc_pcm(alsa_home):
 
 def test_unknown_device_is_one_clear_error(alsa_home, toy):
     needs_arecord()
-    proc = subprocess.run(
-        [*CLI, "monitor", str(toy), "--device", "nosuchpcm"],
-        capture_output=True,
-        text=True,
-        env=alsa_home.env,
-        timeout=60,
-    )
+    proc = monitor_cli(str(toy), "--device", "nosuchpcm", env=alsa_home.env, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr.splitlines()[-1] == (
         "Error: ALSA device 'nosuchpcm' not found; `msn-edge devices` lists the inputs"
@@ -161,29 +167,14 @@ def test_cli_monitor_on_a_real_alsa_device(tmp_path, monkeypatch, toy):
     pcm = (audio * 32768).clip(-32768, 32767).astype(np.int16)
     home = AlsaHome(tmp_path, pcm)
     events_file = tmp_path / "events.jsonl"
-    proc = subprocess.run(
-        [
-            *CLI,
-            "monitor",
-            str(toy),
-            "--device",
-            "msntest",
-            "--max-windows",
-            str(len(pattern)),
-            "--alarm-after",
-            "2",
-            "--threads",
-            "1",
-            "--events-file",
-            str(events_file),
-        ],
-        capture_output=True,
-        text=True,
+    proc = monitor_cli(
+        str(toy),
+        *("--device", "msntest", "--max-windows", str(len(pattern)), "--alarm-after", "2"),
+        *("--threads", "1", "--events-file", str(events_file)),
         env=home.env,
-        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    events = [json.loads(x) for x in proc.stdout.splitlines()]
+    events = events_of(proc)
     windows = [e for e in events if e["event"] == "window"]
     assert "".join(e["verdict"][0] for e in windows) == pattern
     assert [e["event"] for e in events if e["event"] != "window"] == ["alarm", "clear"]
@@ -202,16 +193,9 @@ def test_unpaced_device_overruns_are_counted_in_events(alsa_home, toy):
     """The file PCM outruns any consumer: lost audio shows up in events and the summary."""
     needs_arecord()
     counter(RATE * 70).astype("<i2").tofile(alsa_home.infile)
-    proc = subprocess.run(
-        [*CLI, "monitor", str(toy), "--device", "msntest", "--max-windows", "60"],
-        capture_output=True,
-        text=True,
-        env=alsa_home.env,
-        timeout=120,
-    )
+    proc = monitor_cli(str(toy), "--device", "msntest", "--max-windows", "60", env=alsa_home.env)
     assert proc.returncode == 0, proc.stderr
-    windows = [json.loads(x) for x in proc.stdout.splitlines()]
-    windows = [e for e in windows if e["event"] == "window"]
+    windows = [e for e in events_of(proc) if e["event"] == "window"]
     assert len(windows) == 60
     lost = [e for e in windows if e["overruns"]]
     assert lost, "60 windows of an unpaced device must overrun the 30 s queue"
@@ -383,16 +367,14 @@ def test_cli_channels_option_names_one_stream_per_channel(tmp_path, toy):
     (tmp_path / ".asoundrc").write_text(
         ASOUNDRC_4CH.replace("channels 4", "channels 2").format(infile=infile)
     )
-    proc = subprocess.run(
-        [*CLI, "monitor", str(toy), "--device", "msn4", "--channels", "2", "--max-windows", "2"]
-        + ["--alarm-after", "0", "--threads", "1"],
-        capture_output=True,
-        text=True,
+    proc = monitor_cli(
+        str(toy),
+        *("--device", "msn4", "--channels", "2", "--max-windows", "2"),
+        *("--alarm-after", "0", "--threads", "1"),
         env={**os.environ, "HOME": str(tmp_path)},
-        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    events = [json.loads(x) for x in proc.stdout.splitlines()]
+    events = events_of(proc)
     verdicts = {(e["stream"], e["verdict"]) for e in events}
     assert verdicts == {("msn4.ch0", "normal"), ("msn4.ch1", "anomalous")}
     assert len(events) == 4
