@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
+from train_helpers import synth_set
 
 from msn_edge.cli import main
 from msn_edge.config import preset, with_recipe
 from msn_edge.evaluate import evaluate
 from msn_edge.metrics import auc, auc_difference, auc_standard_error
-from msn_edge.synth import synth_stream, synthesize
+from msn_edge.synth import synth_stream
 from msn_edge.training import train
 
 pytestmark = pytest.mark.slow  # ~3 min on 2 cores: trains twice for real
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.slow  # ~3 min on 2 cores: trains twice for real
 KINDS = ("fan", "slider")
 IDS = 2  # machines per kind: 4 groups in all
 N_TRAIN = 20  # normal training clips per machine
+CLIP_S = 10.0  # DCASE-length clips
 N_TEST = 60  # normal and anomalous test clips per machine: SE of the mean gain ~0.034
 MARGIN_SE = 3.0  # trained must beat untrained by this many standard errors
 
@@ -43,15 +45,7 @@ def e2e_config(**train):
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     data = root / "data"
-    synthesize(
-        data,
-        seed=0,
-        kinds=KINDS,
-        ids_per_kind=IDS,
-        n_train=N_TRAIN,
-        n_test_normal=N_TEST,
-        n_test_anomaly=N_TEST,
-    )
+    synth_set(data, kinds=KINDS, ids=IDS, n_train=N_TRAIN, n_test=N_TEST, seconds=CLIP_S)
     result = train([data], root / "run", e2e_config(), progress=False)
     assert not result.interrupted and result.scoring_fitted
     # The reference: the same network at its seeded initial weights, same prototypes rule.

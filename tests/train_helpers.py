@@ -27,9 +27,15 @@ def small_config(**train) -> Config:
 
 
 def synth_set(
-    out: Path, *, kinds=("fan",), ids: int = 2, n_train: int = 6, n_test: int = 4
+    out: Path,
+    *,
+    kinds=("fan",),
+    ids: int = 2,
+    n_train: int = 6,
+    n_test: int = 4,
+    seconds: float = CLIP_S,
 ) -> Path:
-    """A DCASE 2020 layout data set of short synthetic clips."""
+    """A DCASE 2020 layout data set of synthetic clips (short unless `seconds` says)."""
     synthesize(
         out,
         seed=0,
@@ -38,6 +44,6 @@ def synth_set(
         n_train=n_train,
         n_test_normal=n_test,
         n_test_anomaly=n_test,
-        seconds=CLIP_S,
+        seconds=seconds,
     )
     return out
