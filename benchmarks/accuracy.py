@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from msn_edge.benchmarks.autoencoder import AEConfig, AutoencoderBaseline
 from msn_edge.checkpoint import load_checkpoint
 from msn_edge.config import RECIPES, Config, preset, with_recipe
 from msn_edge.datasets import scan
@@ -48,9 +49,6 @@ from msn_edge.inference import embed_clips
 from msn_edge.metrics import group_metrics, summarize
 from msn_edge.synth import synthesize
 from msn_edge.training import train
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from autoencoder import AEConfig, AutoencoderBaseline  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "data"

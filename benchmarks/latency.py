@@ -26,19 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from msn_edge.runtime.bench import (
-    BUSY_LOAD_PER_CORE,
-    NOTES,
-    BenchReport,
-    BenchSettings,
-    format_notes,
-    format_report,
-    run_benchmark,
-    synthetic_windows,
-)
+from msn_edge.benchmarks.cases import BenchReport, BenchSettings
+from msn_edge.benchmarks.measure import BUSY_LOAD_PER_CORE, synthetic_windows
+from msn_edge.benchmarks.op_profile import feeds_by_rank, format_profile, profile_model
+from msn_edge.benchmarks.report import NOTES, format_notes, format_report
+from msn_edge.benchmarks.runner import run_benchmark
 from msn_edge.runtime.bundle import MODEL_MEMBERS, read_bundle
 from msn_edge.runtime.frontend import features
-from msn_edge.runtime.profile import OPT_LEVELS, feeds_by_rank, format_profile, profile_model
+from msn_edge.runtime.ort_session import session_options
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results-cpu.md"
@@ -47,7 +42,7 @@ DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "dcase2020_id00"
 N_PROTOTYPES = 16  # random unit prototypes of an untrained run: scoring cost is negligible
 SWEEP_LEVELS = ("basic", "extended", "all")
 COMMAND = "python benchmarks/latency.py"
-SETTLE_S = 180  # longest wait for the load average to settle after exporting
+LOAD_SETTLE_LIMIT_S = 180  # longest wait for the load average to settle after exporting
 VARIANT_ROLES = {
     "fp32": "the ort-cpu-fp32 row",
     "int8": "int8 for TensorRT, run here on the CPU",
@@ -87,7 +82,7 @@ def make_random_run(preset_name: str, run_dir: Path, data: Path, seed: int = 0) 
     return run_dir
 
 
-def wait_for_quiet(limit_s: float = SETTLE_S) -> None:
+def wait_for_quiet(limit_s: float = LOAD_SETTLE_LIMIT_S) -> None:
     """Wait (up to limit_s) for the 1-min load average to fall below the level at which the
     report flags a busy machine: the exports just run raise it for a minute or two."""
     busy = BUSY_LOAD_PER_CORE * (os.cpu_count() or 1)
@@ -117,11 +112,7 @@ def sweep_sessions(
     sessions = {}
     for level in SWEEP_LEVELS:
         for n in threads:
-            opts = ort.SessionOptions()
-            opts.graph_optimization_level = OPT_LEVELS[level]
-            opts.intra_op_num_threads = n
-            opts.inter_op_num_threads = 1
-            opts.log_severity_level = 3
+            opts = session_options(threads=n, opt_level=level)
             s = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
             feeds = feeds_by_rank(s, inputs)
             s.run(None, feeds)

@@ -11,9 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-import zipfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,30 +20,21 @@ from tqdm import tqdm
 
 from msn_edge.checkpoint import CHECKPOINT_FILE, LoadedRun, load_checkpoint
 from msn_edge.datasets import Clip, load_wave, scan
-from msn_edge.evaluate import run_dir_of
-from msn_edge.export.onnx_export import GraphStats, export_onnx, graph_stats
-from msn_edge.export.parity import (
-    ParityReport,
-    check_parity,
-    compare,
-    cpu_engine,
-    engine_embed,
-)
-from msn_edge.export.quantize import Int8Config, quantize_int8
+from msn_edge.evaluate import pct, run_dir_of, summary_of
+from msn_edge.export import FORMATS
+from msn_edge.export.onnx_export import export_onnx, graph_stats
+from msn_edge.export.parity import check_parity, cpu_engine, engine_embed
+from msn_edge.export.quantize import int8_twins
+from msn_edge.export.report import ExportReport, int8_report, json_safe, latencies_ms
 from msn_edge.export.trt_support import tensorrt_problems
-from msn_edge.metrics import group_metrics, summarize
 from msn_edge.prototypes import Scoring, load_scoring, score_embeddings
-from msn_edge.runtime.bench import SETTLE_S
-from msn_edge.runtime.bundle import MODEL_MEMBERS, write_bundle
+from msn_edge.runtime.bundle import MODEL_MEMBERS, is_bundle_file, write_bundle
+from msn_edge.runtime.engines import check_precision
 from msn_edge.runtime.errors import DatasetError, MsnEdgeError
 from msn_edge.runtime.frontend import FrontendConfig, fit_window
 from msn_edge.training import training_clips
 
 log = logging.getLogger(__name__)
-
-FORMATS = ("onnx", "engine")
-ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
-LATENCY_RUNS = 10  # timed single-window calls per model for the int8 speed ratio
 
 
 @dataclass(frozen=True)
@@ -71,134 +61,12 @@ class ExportOptions:
             raise MsnEdgeError(f"unknown format '{self.format}' (choose {', '.join(FORMATS)})")
         if self.precision is not None and self.format != "engine":
             raise MsnEdgeError("--precision sets the TensorRT engine's; add --format engine")
-        if self.precision is not None and self.precision not in ENGINE_PRECISIONS:
-            raise MsnEdgeError(
-                f"unknown precision '{self.precision}' (choose {', '.join(ENGINE_PRECISIONS)})"
-            )
+        if self.precision is not None:
+            check_precision(self.precision)
         if self.precision == "int8" and not self.int8:
             raise MsnEdgeError("an int8 engine is built from the int8 model: add --int8")
         if self.parity_clips < 0 or self.calibration_clips < 1:
             raise MsnEdgeError("parity clips must be >= 0 and calibration clips >= 1")
-
-
-@dataclass(frozen=True)
-class Int8Model:
-    """One int8 twin of the fp32 model, measured under ONNX Runtime on this CPU."""
-
-    member: str  # the bundle member it is written to
-    onnx_bytes: int
-    size_ratio: float  # int8 / fp32 file size
-    ms: float  # ONNX Runtime CPU, one window, median of LATENCY_RUNS
-    vs_fp32: ParityReport  # measured, not enforced
-
-
-@dataclass(frozen=True)
-class Int8Report:
-    fp32_ms: float  # the same timing for the fp32 model
-    calibration_clips: int
-    models: dict[str, Int8Model]  # bundle variant ("int8-cpu", "int8") -> figures
-
-    def speedup(self, variant: str) -> float:
-        return self.fp32_ms / self.models[variant].ms
-
-
-# The int8 variants an --int8 export writes: quantization target and what each is for.
-INT8_VARIANTS = {"int8-cpu": "cpu", "int8": "tensorrt"}
-INT8_ROLES = {"int8-cpu": "ONNX Runtime CPU", "int8": "TensorRT; here on ONNX Runtime CPU"}
-
-
-@dataclass
-class ExportReport:
-    run: str
-    bundle: str
-    preset: str
-    graph: GraphStats
-    tensorrt_problems: list[str]
-    parity: ParityReport
-    int8: Int8Report | None = None
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # precision -> metric
-    not_recommended: dict[str, str] = field(default_factory=dict)  # int8 variant -> why
-    engine: dict | None = None
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["parity"] = self.parity.to_dict()
-        if self.int8 is not None:
-            for variant, m in self.int8.models.items():
-                d["int8"]["models"][variant]["vs_fp32"] = m.vs_fp32.to_dict()
-                d["int8"]["models"][variant]["speedup"] = self.int8.speedup(variant)
-        d["graph"]["size_ratio"] = self.graph.size_ratio
-        return _json_safe(d)
-
-    def to_markdown(self) -> str:
-        g, p = self.graph, self.parity
-        top_ops = ", ".join(f"{op} {n}" for op, n in list(g.ops.items())[:6])
-        rows = [
-            ("run", self.run),
-            ("bundle", self.bundle),
-            ("preset", self.preset),
-            ("graph nodes", f"{g.nodes} ({top_ops}, ...)"),
-            ("parameters", f"{g.parameters / 1e6:.2f} M ({_mb(g.parameter_bytes)} as float32)"),
-            ("model.onnx", f"{_mb(g.onnx_bytes)} ({g.size_ratio:.3f} x the parameters)"),
-            (
-                "TensorRT 10 parser check",
-                "passed" if not self.tensorrt_problems else "; ".join(self.tensorrt_problems[:3]),
-            ),
-            (
-                "parity fp32: ONNX Runtime vs PyTorch",
-                f"max embedding diff {p.max_abs_embedding:.2e} (limit {p.embedding_tol:g}), "
-                f"max score diff {p.max_abs_score:.2e} (limit {p.score_tol:g}); "
-                f"{p.n_real} real + {p.n_synthetic} synthetic windows",
-            ),
-        ]
-        if self.int8 is not None:
-            q = self.int8
-            for variant, m in q.models.items():
-                rows.append(
-                    (
-                        f"{m.member} ({INT8_ROLES[variant]})",
-                        f"{_mb(m.onnx_bytes)} ({m.size_ratio:.2f} x fp32); 1 window "
-                        f"{m.ms:.1f} ms vs fp32 {q.fp32_ms:.1f} ms (speed-up "
-                        f"{q.speedup(variant):.2f}x); min cosine to fp32 "
-                        f"{m.vs_fp32.min_cosine:.5f}, max score diff {m.vs_fp32.max_abs_score:.2e}",
-                    )
-                )
-            rows.append(("int8 calibration", f"{q.calibration_clips} normal training clips"))
-        for precision, values in self.metrics.items():
-            text = ", ".join(f"{k} {_pct(v)}" for k, v in values.items())
-            rows.append((f"eval {precision}", text))
-        if self.engine is not None:
-            e = self.engine
-            rows.append(
-                (
-                    f"TensorRT {e['precision']} engine",
-                    f"{e['path']} (TensorRT {e['tensorrt_version']}, {e['gpu']}; "
-                    f"min cosine vs ONNX Runtime {e['min_cosine']:.5f})",
-                )
-            )
-        rows.append(("export time", f"{self.seconds:.0f} s"))
-        lines = ["| item | value |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in rows]
-        return "\n".join(lines) + "\n"
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.2f} MB"
-
-
-def _pct(v: float) -> str:
-    return "n/a" if math.isnan(v) else f"{100 * v:.2f}"
-
-
-def _json_safe(x):
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 def _spread(items: Sequence, n: int) -> list:
@@ -221,22 +89,6 @@ def _run_training_clips(run: LoadedRun) -> list[Clip]:
     return training_clips(roots)
 
 
-def _latencies_ms(
-    models: dict[str, bytes], window: np.ndarray, frontend, threads
-) -> dict[str, float]:
-    """Median ms per window of each model, timed round-robin as `msn-edge bench` does: a
-    pause before each call so no other session's spinning threads share the CPU."""
-    engines = {name: cpu_engine(model, threads) for name, model in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(1 + LATENCY_RUNS):  # the first round warms up: allocations, kernels
-        for name, engine in engines.items():
-            time.sleep(SETTLE_S)
-            t = time.perf_counter()
-            engine_embed(engine, [window], frontend)
-            times[name].append(time.perf_counter() - t)
-    return {name: 1000 * float(np.median(t[1:])) for name, t in times.items()}
-
-
 def int8_not_recommended(metrics: dict[str, dict[str, float]], max_drop: float) -> dict[str, str]:
     """Int8 variant -> why it is not recommended, for each whose AUC falls more than
     `max_drop` below fp32's on the evaluation data."""
@@ -246,8 +98,8 @@ def int8_not_recommended(metrics: dict[str, dict[str, float]], max_drop: float) 
         drop = fp32 - values.get("auc", math.nan)
         if variant != "fp32" and drop > max_drop:
             out[variant] = (
-                f"AUC {100 * drop:.1f} points below fp32's ({_pct(values['auc'])} vs "
-                f"{_pct(fp32)} on the export's evaluation data)"
+                f"AUC {100 * drop:.1f} points below fp32's ({pct(values['auc'])} vs "
+                f"{pct(fp32)} on the export's evaluation data)"
             )
     return out
 
@@ -255,33 +107,16 @@ def int8_not_recommended(metrics: dict[str, dict[str, float]], max_drop: float) 
 def _eval_metrics(
     models: dict[str, bytes], scoring: Scoring, test: list[Clip], frontend, threads
 ) -> dict[str, dict[str, float]]:
-    """AUC / pAUC (the DCASE rule of the data) of each model on the test clips."""
+    """AUC / pAUC (the DCASE rule of the data, as `msn-edge evaluate`) of each model."""
     groups = [c.group for c in test]
     for name in sorted(set(groups)):
         scoring.group(name)  # DatasetError naming the group if the run has no prototypes
-    rule = "dcase2023" if test[0].layout == "dcase2023" else "dcase2020"
     windows = _windows(test, frontend, "reading test clips")
-    labels = np.array([c.label == "anomaly" for c in test], dtype=int)
     out = {}
     for precision, model in models.items():
         log.info("scoring %d test clips with the %s model", len(test), precision)
         emb = engine_embed(cpu_engine(model, threads), windows, frontend, f"{precision} test")
-        scores = score_embeddings(scoring, emb, groups)
-        rows = []
-        for name in sorted(set(groups)):
-            sel = np.array([g == name for g in groups])
-            mine = [c for c, s in zip(test, sel, strict=True) if s]
-            rows.append(
-                group_metrics(
-                    rule,
-                    name,
-                    mine[0].machine_type,
-                    labels[sel],
-                    scores[sel],
-                    [c.domain for c in mine],
-                )
-            )
-        summary = summarize(rule, rows)
+        summary = summary_of(test, score_embeddings(scoring, emb, groups))
         out[precision] = {**summary.overall, summary.official_name: summary.official}
     return out
 
@@ -307,18 +142,10 @@ def refuse_overwrite(run_path: str | Path, out: str | Path) -> None:
         )
     if out.is_dir():
         raise MsnEdgeError(f"{out}: is a directory; -o takes the bundle file to write")
-    if out.exists() and not _is_bundle_file(out):
+    if out.exists() and not is_bundle_file(out):
         raise MsnEdgeError(
             f"{out}: exists and is not a bundle; refusing to overwrite it (remove it first)"
         )
-
-
-def _is_bundle_file(path: Path) -> bool:
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return "manifest.json" in zf.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False
 
 
 def export_bundle(run_path: str | Path, out: str | Path, options: ExportOptions) -> ExportReport:
@@ -368,38 +195,19 @@ def export_bundle(run_path: str | Path, out: str | Path, options: ExportOptions)
     int8: dict[str, bytes] = {}
     if options.int8:
         calib = _windows(_spread(train, options.calibration_clips), frontend, "calibration clips")
-        probe = [*real, *calib[:4]]
-        reference = engine_embed(cpu_engine(fp32, options.threads), probe, frontend)
+        twins = int8_twins(
+            proto,
+            calib,
+            frontend,
+            probe=[*real, *calib[:4]],
+            prototypes=scoring.prototypes,
+            threads=options.threads,
+        )
+        int8 = twins.models
         window = (real or calib)[0]
-        vs_fp32 = {}
-        for variant, target in INT8_VARIANTS.items():
-            log.info("quantizing to int8 for %s (Q/DQ), calibrated on %d clips", target, len(calib))
-            int8[variant] = quantize_int8(
-                proto, calib, frontend, Int8Config(target=target)
-            ).SerializeToString()
-            vs_fp32[variant] = compare(
-                reference,
-                engine_embed(cpu_engine(int8[variant], options.threads), probe, frontend),
-                scoring.prototypes,
-                n_real=len(probe),
-                embedding_tol=None,
-                score_tol=None,
-            )
-        ms = _latencies_ms({"fp32": fp32, **int8}, window, frontend, options.threads)
-        models = {
-            variant: Int8Model(
-                member=MODEL_MEMBERS[variant],
-                onnx_bytes=len(model),
-                size_ratio=len(model) / len(fp32),
-                ms=ms[variant],
-                vs_fp32=vs_fp32[variant],
-            )
-            for variant, model in int8.items()
-        }
-        report.int8 = Int8Report(
-            fp32_ms=ms["fp32"],
-            calibration_clips=len(calib),
-            models=models,
+        ms = latencies_ms({"fp32": fp32, **int8}, window, frontend, options.threads)
+        report.int8 = int8_report(
+            int8, MODEL_MEMBERS, twins.vs_fp32, len(fp32), ms, calibration_clips=len(calib)
         )
     if test:
         report.metrics = _eval_metrics(
@@ -429,7 +237,7 @@ def export_bundle(run_path: str | Path, out: str | Path, options: ExportOptions)
         trained_on=_trained_on(run),
         metadata={
             "preset": run.config.preset,
-            "model_config": _json_safe(asdict(run.config.model)),
+            "model_config": json_safe(asdict(run.config.model)),
             "export": report.to_dict(),
             "not_recommended": report.not_recommended,
         },

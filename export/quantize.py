@@ -31,12 +31,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from msn_edge.export.parity import ParityReport, compare, cpu_engine, engine_embed
 from msn_edge.runtime.frontend import FrontendConfig, features
 
 log = logging.getLogger(__name__)
 
 
 TARGETS = ("tensorrt", "cpu")
+# The int8 models an --int8 export writes: bundle variant -> quantization target.
+INT8_VARIANTS = {"int8-cpu": "cpu", "int8": "tensorrt"}
 
 
 @dataclass(frozen=True)
@@ -153,3 +156,42 @@ def quantize_int8(
     )
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+@dataclass(frozen=True)
+class Int8Twins:
+    """The int8 models of one export and how far each is from fp32 (measured, not enforced)."""
+
+    models: dict[str, bytes]  # bundle variant (INT8_VARIANTS) -> serialized Q/DQ model
+    vs_fp32: dict[str, ParityReport]
+
+
+def int8_twins(
+    fp32: onnx.ModelProto,
+    calibration: Sequence[np.ndarray],
+    frontend: FrontendConfig,
+    *,
+    probe: Sequence[np.ndarray],
+    prototypes: np.ndarray,
+    threads: int | None = None,
+) -> Int8Twins:
+    """Every int8 variant of `fp32`, calibrated on the same windows, each compared with fp32
+    (ONNX Runtime CPU) on the `probe` windows."""
+    reference = engine_embed(cpu_engine(fp32.SerializeToString(), threads), probe, frontend)
+    models, vs_fp32 = {}, {}
+    for variant, target in INT8_VARIANTS.items():
+        log.info(
+            "quantizing to int8 for %s (Q/DQ), calibrated on %d clips", target, len(calibration)
+        )
+        models[variant] = quantize_int8(
+            fp32, calibration, frontend, Int8Config(target=target)
+        ).SerializeToString()
+        vs_fp32[variant] = compare(
+            reference,
+            engine_embed(cpu_engine(models[variant], threads), probe, frontend),
+            prototypes,
+            n_real=len(probe),
+            embedding_tol=None,
+            score_tol=None,
+        )
+    return Int8Twins(models, vs_fp32)

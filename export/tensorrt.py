@@ -3,7 +3,7 @@
 The build itself is the runtime's (`msn_edge.runtime.tensorrt_engine.build_engine`), so an
 engine built at export is exactly the one `msn-edge monitor --backend tensorrt` would
 build; it is saved in the runtime's engine cache under the key the runtime derives
-(`current_engine_key`: TensorRT version, GPU name, compute capability, SM count, memory,
+(`engine_cache_entry`: TensorRT version, GPU name, compute capability, SM count, memory,
 precision, ONNX sha256, batch limit), so the runtime finds it, and a mismatched engine is
 rebuilt there, never loaded. Before it is cached, the engine's embeddings are compared
 with ONNX Runtime CPU running the same ONNX model.
@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from msn_edge.export.parity import ParityError, ParityReport, compare, cpu_engine, engine_embed
-from msn_edge.runtime.engine_cache import DEFAULT_MAX_BATCH, cache_path, save_cached_engine
+from msn_edge.runtime.engine_cache import DEFAULT_MAX_BATCH, save_cached_engine
 from msn_edge.runtime.frontend import FrontendConfig
 from msn_edge.runtime.gpu import GpuIdentity
-from msn_edge.runtime.tensorrt_engine import TensorRTEngine, build_engine, current_engine_key
+from msn_edge.runtime.tensorrt_engine import TensorRTEngine, build_engine, engine_cache_entry
 
 # Smallest cosine similarity between TensorRT and ONNX Runtime embeddings. fp32 allows
 # TF32 convolutions (TensorRT's default on Ampere and later); int8 is compared with ONNX
@@ -56,7 +56,9 @@ def build_checked_engine(
     `onnx_bytes` is the model the precision runs: the fp32 graph for fp32 / fp16, the Q/DQ
     graph for int8. `stem` is the bundle's file name (the runtime's cache naming).
     """
-    key = current_engine_key(onnx_bytes, precision, max_batch=max_batch)
+    key, path = engine_cache_entry(
+        onnx_bytes, precision, cache_dir=cache_dir, stem=stem, max_batch=max_batch
+    )
     plan = build_engine(onnx_bytes, precision, max_batch=max_batch)
     engine = TensorRTEngine(plan, precision=precision, max_batch=max_batch)
     try:
@@ -71,7 +73,6 @@ def build_checked_engine(
             f"{parity.min_cosine:.6f} < {MIN_COSINE[precision]} over {len(windows)} windows; "
             "engine not cached"
         )
-    path = cache_path(cache_dir, stem, key)
     save_cached_engine(path, key, plan)
     gpu = GpuIdentity(key.gpu, key.compute_capability, key.sm_count, key.total_memory_mib)
     return EngineResult(path, key.tensorrt_version, gpu.describe(), precision, len(plan), parity)

@@ -12,8 +12,8 @@ every epoch's weights (without the optimizer, which would triple their size).
 
 from __future__ import annotations
 
-import os
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import torch
 
 from msn_edge.config import Config
 from msn_edge.model import MSN
+from msn_edge.runtime.atomic import atomic_writer
 from msn_edge.runtime.errors import MsnEdgeError
 from msn_edge.runtime.version import __version__
 
@@ -46,6 +47,29 @@ def epoch_path(run_dir: Path, epoch: int) -> Path:
     return run_dir / EPOCHS_DIR / f"epoch_{epoch:03d}.pt"
 
 
+def new_state(
+    config: Config,
+    model: MSN,
+    classes: Sequence[str],
+    *,
+    epoch: int = 0,
+    auxiliary: dict | None = None,
+    data: dict | None = None,
+    **extra,
+) -> dict:
+    """The checkpoint dict `save_checkpoint` writes, from the unwrapped model: its weights,
+    config, class names and provenance; `extra` adds training's keys (head, optimizer, rng)."""
+    return {
+        "config": config.to_dict(),
+        "model": model.state_dict(),
+        "epoch": epoch,
+        "classes": list(classes),
+        "auxiliary": auxiliary,
+        "data": {} if data is None else data,
+        **extra,
+    }
+
+
 def save_checkpoint(path: str | Path, state: dict) -> Path:
     """Write atomically (temp file, then rename): a crash or Ctrl-C never leaves half a file."""
     path = Path(path)
@@ -54,12 +78,8 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise ValueError(f"checkpoint state lacks {missing}")
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_writer(path) as f:
+        torch.save(state, f)
     return path
 
 

@@ -7,6 +7,7 @@ about a trained model is re-derived from defaults that may have changed since.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 from msn_edge.runtime.frontend import FrontendConfig
 from msn_edge.runtime.prototypes import CALIBRATION_FRACTION, N_CLUSTERS, THRESHOLD_QUANTILE
@@ -253,3 +254,25 @@ def preset(name: str) -> Config:
         return PRESETS[name]()
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+def training_config(
+    preset_name: str | None = None,
+    *,
+    resume_from: Path | None = None,
+    recipe: str | None = None,
+    **train_overrides,
+) -> Config:
+    """What `msn-edge train` runs with: the preset (dcase2020 if none is named), or when
+    resuming without a preset the run's own config (its checkpoint's); then `recipe` and
+    each train setting of `train_overrides` that is not None (epochs, batch_size, ...)."""
+    if resume_from is not None and preset_name is None:
+        from msn_edge.checkpoint import read_checkpoint  # torch: only to resume
+
+        config = Config.from_dict(read_checkpoint(resume_from)["config"])
+    else:
+        config = preset(preset_name or "dcase2020")
+    if recipe:
+        config = with_recipe(config, recipe)
+    given = {k: v for k, v in train_overrides.items() if v is not None}
+    return replace(config, train=replace(config.train, **given))

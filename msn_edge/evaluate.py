@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,15 +112,22 @@ class Results:
 
         for t, vals in self.summary.per_type.items():
             for r in (r for r in self.rows if r.machine_type == t):
-                pct = [_pct(r.values[m]) for m in names]
+                values = [pct(r.values[m]) for m in names]
                 line(
-                    [t, r.unit or "-", *pct, str(r.n_normal), str(r.n_anomaly), "; ".join(r.notes)]
+                    [
+                        t,
+                        r.unit or "-",
+                        *values,
+                        str(r.n_normal),
+                        str(r.n_anomaly),
+                        "; ".join(r.notes),
+                    ]
                 )
-            line([f"**{t}**", f"**{avg}**", *(_pct(vals[m]) for m in names), "", "", ""])
-        line(["**all**", f"**{avg}**", *(_pct(self.summary.overall[m]) for m in names), "", "", ""])
+            line([f"**{t}**", f"**{avg}**", *(pct(vals[m]) for m in names), "", "", ""])
+        line(["**all**", f"**{avg}**", *(pct(self.summary.overall[m]) for m in names), "", "", ""])
         s = self.summary
         text = "\n".join(lines)
-        text += f"\n\n**Official score: {_pct(s.official)} %** ({OFFICIAL_TITLES[s.official_name]})"
+        text += f"\n\n**Official score: {pct(s.official)} %** ({OFFICIAL_TITLES[s.official_name]})"
         for note in s.notes:
             text += f"\n\nNote: {note}"
         return text + "\n"
@@ -129,7 +137,8 @@ def _json_float(v: float) -> float | None:
     return None if math.isnan(v) else float(v)
 
 
-def _pct(v: float) -> str:
+def pct(v: float) -> str:
+    """A fraction in percent with two decimals; n/a where undefined."""
     return "n/a" if math.isnan(v) else f"{100 * v:.2f}"
 
 
@@ -139,9 +148,34 @@ def run_dir_of(run_or_path: str | Path) -> Path:
     return p if p.is_dir() else p.parent
 
 
-def _rule(clips: list[Clip]) -> str:
+def rule_of(clips: Sequence[Clip]) -> str:
     """DCASE 2023 rules for DCASE 2023 data (scan gives one layout per data set), else 2020."""
     return "dcase2023" if clips[0].layout == "dcase2023" else "dcase2020"
+
+
+def metric_rows(rule: str, clips: Sequence[Clip], scores: np.ndarray) -> list[GroupMetrics]:
+    """The metrics of each scoring group (sorted by name) from its test clips' scores."""
+    rows = []
+    for name in sorted({c.group for c in clips}):
+        sel = [i for i, c in enumerate(clips) if c.group == name]
+        mine = [clips[i] for i in sel]
+        rows.append(
+            group_metrics(
+                rule,
+                name,
+                mine[0].machine_type,
+                np.array([c.label == "anomaly" for c in mine], dtype=int),
+                np.asarray(scores, dtype=float)[sel],
+                [c.domain for c in mine],
+            )
+        )
+    return rows
+
+
+def summary_of(clips: Sequence[Clip], scores: np.ndarray) -> Summary:
+    """The DCASE summary (rule of the data) of test clips scored `scores`."""
+    rule = rule_of(clips)
+    return summarize(rule, metric_rows(rule, clips, scores))
 
 
 def _scoring_for(
@@ -187,7 +221,7 @@ def evaluate(
     run = load_checkpoint(run_dir)
     run_dir = run_dir_of(run_dir)
     test = scan(data_root, split="test")
-    rule = _rule(test)
+    rule = rule_of(test)
     scoring, source = _scoring_for(
         run,
         run_dir,
@@ -210,20 +244,7 @@ def evaluate(
         )
         for c, s in zip(test, scores, strict=True)
     ]
-    rows = []
-    for name in sorted({c.group for c in clips}):
-        mine = [c for c in clips if c.group == name]
-        machine_type = next(t.machine_type for t in test if t.group == name)
-        rows.append(
-            group_metrics(
-                rule,
-                name,
-                machine_type,
-                np.array([c.anomaly for c in mine], dtype=int),
-                np.array([c.score for c in mine]),
-                [c.domain for c in mine],
-            )
-        )
+    rows = metric_rows(rule, test, scores)
     results = Results(rule, rows, summarize(rule, rows), clips, thresholds, source)
     write_results(results, Path(out_dir) if out_dir else run_dir / EVAL_DIR)
     return results
@@ -282,7 +303,7 @@ def plot_roc(results: Results, path: Path) -> Path:
             continue
         fpr, tpr, _ = roc_curve(labels, [c.score for c in mine])
         value = next(r for r in results.rows if r.group == name).values[key]
-        ax.plot(fpr, tpr, linewidth=1.5, label=f"{name} ({METRIC_TITLES[key]} {_pct(value)} %)")
+        ax.plot(fpr, tpr, linewidth=1.5, label=f"{name} ({METRIC_TITLES[key]} {pct(value)} %)")
     ax.set(
         xlim=(-0.01, 1.01),
         ylim=(-0.01, 1.01),

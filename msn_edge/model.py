@@ -265,20 +265,23 @@ class MSN(nn.Module):
         return torch.cat([b, spec_emb], dim=1)  # (B, embedding_dim), not yet normalised
 
 
-def count_macs(model: MSN) -> int:
-    """Multiply-accumulates of one window, from forward hooks on conv and linear layers."""
+def count_macs(model: MSN, *, per_branch: bool = False) -> int | dict[str, int]:
+    """Multiply-accumulates of one window, from forward hooks on conv and linear layers
+    (conv: taps x outputs, linear: inputs x outputs). With `per_branch`, a dict: each
+    top-level part of the model (spectrogram, spectrum, scan, ...) -> its MACs."""
     cfg = model.cfg
-    total = 0
+    totals = {name: 0 for name, _ in model.named_children()}
+    handles = []
+    for name, part in model.named_children():
 
-    def hook(module: nn.Module, _inp, out: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(module, nn.Conv2d | nn.Conv1d):
-            k = module.weight[0].numel()  # c_in/groups * kernel area
-            total += k * out.numel()
-        elif isinstance(module, nn.Linear):
-            total += module.in_features * out.numel()
+        def hook(module: nn.Module, _inp, out: torch.Tensor, name: str = name) -> None:
+            if isinstance(module, nn.Conv2d | nn.Conv1d):
+                k = module.weight[0].numel()  # c_in/groups * kernel area
+                totals[name] += k * out.numel()
+            elif isinstance(module, nn.Linear):
+                totals[name] += module.in_features * out.numel()
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
+        handles += [m.register_forward_hook(hook) for m in part.modules()]
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -286,4 +289,4 @@ def count_macs(model: MSN) -> int:
     model.train(was_training)
     for h in handles:
         h.remove()
-    return total
+    return totals if per_branch else sum(totals.values())

@@ -41,6 +41,7 @@ from msn_edge.checkpoint import (
     CHECKPOINT_FILE,
     CheckpointError,
     epoch_path,
+    new_state,
     read_checkpoint,
     save_checkpoint,
 )
@@ -378,8 +379,7 @@ class _Run:
             plan.auxiliary,
             model=self.msn,
         )
-        self.meta = {
-            "config": self.config.to_dict(),
+        self.meta = {  # the checkpoint's provenance (checkpoint.new_state)
             "classes": plan.classes,
             "auxiliary": plan.auxiliary,
             "data": {
@@ -512,12 +512,9 @@ class _Run:
 
     def _save(self, epoch: int, record: dict | None) -> Path:
         """checkpoint.pt (with optimizer and RNG), epochs/epoch_NNN.pt (weights), the log."""
-        state = {
-            **self.meta,
-            "model": self.msn.state_dict(),
-            "head": self.head.state_dict(),
-            "epoch": epoch,
-        }
+        state = new_state(
+            self.config, self.msn, epoch=epoch, head=self.head.state_dict(), **self.meta
+        )
         full = {**state, "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}
         path = save_checkpoint(self.ckpt_path, full)
         save_checkpoint(epoch_path(self.run_dir, epoch), state)

@@ -19,7 +19,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import stat
 import zipfile
 import zlib
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from msn_edge.runtime.atomic import atomic_writer
 from msn_edge.runtime.errors import BundleError
 from msn_edge.runtime.frontend import FrontendConfig
 from msn_edge.runtime.manifest import (
@@ -41,6 +41,7 @@ from msn_edge.runtime.manifest import (
 from msn_edge.runtime.version import BUNDLE_FORMAT, READABLE_FORMATS, __version__
 
 MANIFEST = "manifest.json"
+BUNDLE_SUFFIX = ".msn"
 PROTOTYPES = "prototypes.npy"
 # Model variant -> member. "int8" is the TensorRT form; "int8-cpu" (format 2 on) the CPU one.
 MODEL_MEMBERS = {
@@ -253,20 +254,13 @@ def pack_bundle(path: str | Path, manifest: dict, members: dict[str, bytes]) -> 
     _check_sizes({MANIFEST: len(manifest_bytes), **{n: len(d) for n, d in members.items()}}, where)
     _decode(manifest, members, where)  # the reader's own checks, before anything is written
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-                zf.writestr(MANIFEST, manifest_bytes)
-                for name, data in members.items():
-                    zf.writestr(name, data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic_writer(path) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr(MANIFEST, manifest_bytes)
+            for name, data in members.items():
+                zf.writestr(name, data)
     except OSError as e:
         raise BundleError(f"{where}: cannot write the bundle ({e.strerror})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -464,6 +458,20 @@ def _decode(manifest: dict, members: dict[str, bytes], where: str) -> Bundle:
         groups=groups,
         _models=models,
     )
+
+
+def is_bundle_file(path: str | Path) -> bool:
+    """A zip file with a top-level manifest.json (a torch checkpoint is a zip file too)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return MANIFEST in zf.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False  # read_bundle (or read_checkpoint) then says what is wrong
+
+
+def looks_like_bundle(path: str | Path) -> bool:
+    """A bundle by name (.msn) or by content: which reader `score` should use."""
+    return Path(path).suffix == BUNDLE_SUFFIX or is_bundle_file(path)
 
 
 def read_bundle(path: str | Path) -> Bundle:

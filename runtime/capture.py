@@ -26,7 +26,9 @@ import signal
 import subprocess
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -40,6 +42,7 @@ from msn_edge.runtime.sources import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PIPE_BYTES = 1 << 20  # arecord's stdout pipe: 32 s of 16 kHz int16 instead of Linux's 2 s
 ARECORD_STOP_S = 2.0  # grace time for arecord to exit on SIGTERM before SIGKILL
@@ -225,6 +228,46 @@ def _sounddevice():
 _HW_NAME = re.compile(r"^hw:(\d+)(?:,(\d+))?$")
 
 
+class _PortAudioStreams:
+    """The PortAudio streams this process has open, and the device re-scan that needs none.
+
+    PortAudio lists devices (and reads the ALSA configuration) only when it initialises, so
+    a device plugged in since the import is not found. sounddevice has no public call to
+    list them afresh: its maintainer's advice (python-sounddevice issues #47, #125, #516)
+    is to restart PortAudio with its private `_terminate()` / `_initialize()`, which wrap
+    `Pa_Terminate` / `Pa_Initialize`. The final `Pa_Terminate` closes every open stream
+    of the process, so the restart is done only while this process has none open; should
+    a sounddevice release drop the two functions, the list is the one PortAudio has.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0  # streams open now
+
+    def open(self, sd, start: Callable[[], T]) -> T:
+        """`start()` (which opens and starts a stream), after a re-scan if none is open."""
+        with self._lock:  # no other thread opens one between the re-scan and this one
+            if self.count:
+                log.debug("PortAudio devices not re-scanned: %d stream(s) open", self.count)
+            elif callable(getattr(sd, "_terminate", None)) and callable(
+                getattr(sd, "_initialize", None)
+            ):
+                sd._terminate()
+                sd._initialize()
+            else:
+                log.debug("this sounddevice cannot restart PortAudio: devices not re-scanned")
+            stream = start()
+            self.count += 1
+        return stream
+
+    def closed(self) -> None:
+        with self._lock:
+            self.count -= 1
+
+
+PORTAUDIO_STREAMS = _PortAudioStreams()
+
+
 def portaudio_input(sd, name: str) -> int:
     """PortAudio's index for an input named like ALSA does (`default`, `hw:1,0`, a PCM)."""
     devices = [(i, d) for i, d in enumerate(sd.query_devices()) if d["max_input_channels"] > 0]
@@ -254,17 +297,18 @@ class PortAudioReader:
         self.channels = channels
         self.overruns = 0
         self._chunk = chunk_samples(sample_rate)
-        # PortAudio lists devices (and reads the ALSA configuration) only when it
-        # initialises: start it afresh so that a device plugged in since is found.
-        sd._terminate()
-        sd._initialize()
+        self._stream = None
+        self._stream = PORTAUDIO_STREAMS.open(sd, lambda: self._start(sample_rate))
+
+    def _start(self, sample_rate: int):
+        sd, device, channels = self._sd, self.device, self.channels
         index = portaudio_input(sd, device)
         try:
             sd.check_input_settings(index, channels=channels, dtype="int16", samplerate=sample_rate)
         except sd.PortAudioError:
             raise DeviceError(_format_hint(device, sample_rate, channels)) from None
         try:
-            self._stream = sd.RawInputStream(
+            stream = sd.RawInputStream(
                 device=index,
                 samplerate=sample_rate,
                 channels=channels,
@@ -272,9 +316,15 @@ class PortAudioReader:
                 blocksize=self._chunk,
                 latency="high",
             )
-            self._stream.start()
         except sd.PortAudioError as e:
             raise DeviceError(f"ALSA device {device!r} cannot be opened ({e})") from None
+        try:
+            stream.start()
+        except sd.PortAudioError as e:
+            with contextlib.suppress(sd.PortAudioError):
+                stream.close()
+            raise DeviceError(f"ALSA device {device!r} cannot be opened ({e})") from None
+        return stream
 
     def read(self) -> np.ndarray | None:
         try:
@@ -285,9 +335,13 @@ class PortAudioReader:
         return _frames(bytes(data), self.channels)
 
     def close(self) -> None:
+        if self._stream is None:
+            return
         with contextlib.suppress(self._sd.PortAudioError):
             self._stream.abort()
             self._stream.close()
+        self._stream = None
+        PORTAUDIO_STREAMS.closed()
 
 
 def open_device(
@@ -311,20 +365,13 @@ def open_device(
         capture = "arecord" if shutil.which("arecord") else "portaudio"
         if capture == "portaudio":
             log.info("arecord not found: capturing through PortAudio")
-    if capture == "arecord":
-        if not shutil.which("arecord"):
-            raise DeviceError("arecord not found; run scripts/install-system-deps.sh")
-        return LiveSource(
-            name,
-            sample_rate,
-            lambda: ArecordReader(name, sample_rate, channels),
-            queue_s=queue_s,
-            backoff=backoff,
-        )
+    if capture == "arecord" and not shutil.which("arecord"):
+        raise DeviceError("arecord not found; run scripts/install-system-deps.sh")
+    reader = ArecordReader if capture == "arecord" else PortAudioReader
     return LiveSource(
         name,
         sample_rate,
-        lambda: PortAudioReader(name, sample_rate, channels),
+        lambda: reader(name, sample_rate, channels),
         queue_s=queue_s,
         backoff=backoff,
     )

@@ -14,11 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from msn_edge.runtime.atomic import write_atomic
 from msn_edge.runtime.gpu import GpuIdentity
 
 log = logging.getLogger(__name__)
@@ -103,25 +103,16 @@ def load_cached_engine(engine_path: Path, key: EngineKey) -> bytes | None:
     return plan
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_cached_engine(engine_path: Path, key: EngineKey, plan: bytes) -> None:
     """Engine first, sidecar last: an interrupted save leaves a cache that is rebuilt."""
     engine_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(engine_path, plan)
+    write_atomic(engine_path, plan)
     meta = {
         "key": asdict(key),
         "engine_sha256": hashlib.sha256(plan).hexdigest(),
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    _write_atomic(sidecar_path(engine_path), json.dumps(meta, indent=2).encode())
+    write_atomic(sidecar_path(engine_path), json.dumps(meta, indent=2).encode())
 
 
 def drop_cached_engine(engine_path: Path) -> None:

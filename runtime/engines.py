@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.util
 import logging
 import os
 from abc import ABC, abstractmethod
@@ -29,6 +28,8 @@ from msn_edge.runtime.gpu import (
     tensorrt_unsupported,
     tensorrt_version,
 )
+from msn_edge.runtime.ort_session import session_options
+from msn_edge.runtime.packages import module_missing
 
 try:  # the base install has none: the extra `cpu` or `gpu` chooses which (ort_install.py)
     import onnxruntime as ort
@@ -39,7 +40,7 @@ except ImportError:
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "cpu", "cuda", "ort-tensorrt", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8")  # every backend's, the CLI's and the export's list
 ORT_CHAIN = ("ort-tensorrt", "cuda", "cpu")  # best first; also each EP's fallback order
 ORT_PROVIDERS = {
     "ort-tensorrt": "TensorrtExecutionProvider",
@@ -50,7 +51,6 @@ TENSORRT_BACKENDS = ("ort-tensorrt", "tensorrt")  # the only ones that can run f
 JETSON_HINT = "on a Jetson: docs/jetson.md"  # TensorRT and onnxruntime-gpu are not PyPI's there
 GPU_HINT = f"install msn-edge[gpu]; {JETSON_HINT}"
 TENSORRT_HINT = f"pip install msn-edge[tensorrt]; {JETSON_HINT}"
-_ORT_LOG_ERRORS_ONLY = 3  # ORT severity: 0 verbose ... 3 error; keep stderr for our logs
 _ORT_ERRORS = (
     (
         ort_state.Fail,
@@ -71,6 +71,12 @@ def require_onnxruntime():
     if ort is None:
         raise BackendError(ort_install.MISSING)
     return ort
+
+
+def check_precision(precision: str) -> None:
+    """BackendError unless `precision` is one of PRECISIONS."""
+    if precision not in PRECISIONS:
+        raise BackendError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
 
 
 def check_inputs(spec: np.ndarray, spectrum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -115,11 +121,7 @@ class OrtEngine(Engine):
             raise BackendError(f"threads must be at least 1, got {threads}")
         require_onnxruntime()
         self.max_batch = max_batch  # larger batches run in chunks (a TensorRT profile's max)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads or 0  # 0: ONNX Runtime uses every physical core
-        opts.inter_op_num_threads = 1  # the graph is one chain: parallelism lives inside ops
-        opts.log_severity_level = _ORT_LOG_ERRORS_ONLY
+        opts = session_options(threads=threads or 0)  # 0: every physical core
         try:
             self._session = ort.InferenceSession(model_bytes, opts, providers=providers)
         except _ORT_ERRORS as e:
@@ -167,13 +169,6 @@ class OrtEngine(Engine):
         return np.asarray(emb, dtype=np.float32)
 
 
-def _module_missing(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is None
-    except ModuleNotFoundError:  # a parent package is missing
-        return True
-
-
 @functools.lru_cache(maxsize=1)
 def _gpu_missing_reason() -> str | None:
     """None if the CUDA driver sees a GPU.
@@ -194,9 +189,9 @@ def _gpu_missing_reason() -> str | None:
 
 
 def _native_tensorrt_reason() -> str | None:
-    if _module_missing("tensorrt"):
+    if module_missing("tensorrt"):
         return f"tensorrt not installed ({TENSORRT_HINT})"
-    if _module_missing("cuda.bindings") and _module_missing("cuda.cudart"):
+    if module_missing("cuda.bindings") and module_missing("cuda.cudart"):
         return f"cuda-python not installed ({TENSORRT_HINT})"
     version = tensorrt_version()
     too_old = tensorrt_unsupported(version) if version else None
@@ -263,9 +258,8 @@ def _pick_auto(reasons: dict[str, str | None], precision: str) -> str:
 
 def model_inputs(model: bytes) -> dict[str, tuple[int, ...]]:
     """Each input's name and its dimensions after the (dynamic) batch, from the model."""
-    opts = require_onnxruntime().SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # names only
-    opts.log_severity_level = _ORT_LOG_ERRORS_ONLY
+    require_onnxruntime()
+    opts = session_options(opt_level="disable")  # names only
     try:
         session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     except _ORT_ERRORS as e:
@@ -356,8 +350,7 @@ def make_engine(
     """
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
-    if precision not in PRECISIONS:
-        raise BackendError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
+    check_precision(precision)
     if ort is None and backend != "tensorrt":
         raise BackendError(ort_install.MISSING)
     reasons = available_backends()

@@ -11,6 +11,7 @@ The input bundle is never overwritten. Torch-free: enrollment runs on the edge b
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -22,9 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from msn_edge.runtime.bundle import MODEL_MEMBERS, Bundle, ScoringGroup, read_bundle, write_bundle
+from msn_edge.runtime.capture import open_device
 from msn_edge.runtime.detector import Detector
-from msn_edge.runtime.engines import Engine
-from msn_edge.runtime.enroll_feed import Embedded, Feed, embed_feed, source_feed
+from msn_edge.runtime.engines import Engine, make_engine
+from msn_edge.runtime.enroll_feed import Embedded, Feed, embed_feed, open_feed, source_feed
 from msn_edge.runtime.enroll_fit import EnrollOptions, GroupFit, fit_group, independent_windows
 from msn_edge.runtime.errors import AudioError, BundleError, MsnEdgeError
 from msn_edge.runtime.history import history, utc_now
@@ -325,3 +327,35 @@ def enroll_first(
     log.info("listening to %s for %g min to enroll '%s'", source.name, minutes, group)
     result = enroll(parent, detector.engine, feed, out, options, require_seconds=60.0 * minutes)
     return Detector(result.bundle, detector.engine, group=group, threshold=threshold), result
+
+
+def enroll_from(
+    bundle: str | Path,
+    out: str | Path,
+    options: EnrollOptions,
+    *,
+    device: str | None = None,
+    input_path: str | None = None,
+    backend: str = "auto",
+    precision: str = "fp32",
+    threads: int | None = None,
+    capture: str = "auto",
+    force: bool = False,
+) -> EnrollResult:
+    """`msn-edge enroll`: the bundle's own model listens to the ALSA `device` for
+    `options.max_seconds`, or reads `input_path` (a file, a folder of them, or - for
+    stdin), and the group is enrolled into the new bundle `out`."""
+    parent = read_bundle(bundle)
+    hop = options.hop(parent.frontend)
+    check_output(parent.path, Path(out), force=force)  # before minutes of listening
+    engine = make_engine(parent, backend, precision=precision, threads=threads)
+    with contextlib.ExitStack() as stack:
+        stack.callback(engine.close)
+        if device is not None:
+            source = stack.enter_context(
+                open_device(device, parent.frontend.sample_rate, capture=capture)
+            )
+            feed = source_feed(source, parent.frontend, hop, max_seconds=options.max_seconds)
+        else:
+            feed = open_feed(input_path, parent.frontend, hop, options.max_seconds)
+        return enroll(parent, engine, feed, Path(out), options, force=force)

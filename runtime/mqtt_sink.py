@@ -15,15 +15,23 @@ message leaves it only when the broker has acknowledged it, so a broker that is 
 reconnects. When the queue is full the oldest events are dropped, counted, logged and
 reported in the monitor's status. Scoring never waits for the broker: `__call__` only
 appends to the queue.
+
+With TLS, `start()` first makes one TLS handshake with the broker, with the same SSL
+context paho uses: a certificate that does not verify (wrong CA, wrong host name) or a
+listener that does not speak TLS is a configuration mistake, reported at once as one
+line, not retried for ever in the background. A broker that cannot be reached at that
+moment is not a mistake: events are queued until it can be.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -40,6 +48,7 @@ KEEPALIVE_S = 30
 RECONNECT_S = (0.5, 30.0)  # paho's reconnect back-off, first and longest
 CLOSE_S = 5.0  # how long close() waits for the queue to drain and the status to go out
 WAIT_S = 0.2
+PROBE_S = 5.0  # the TLS check's connection and handshake timeout
 PASSWORD_ENV = "MSN_EDGE_MQTT_PASSWORD"
 INSTALL_HINT = "MQTT needs paho-mqtt: pip install 'msn-edge[fleet]'"
 
@@ -97,6 +106,53 @@ class Broker:
         if (settings.cert_file is None) != (settings.key_file is None):
             raise MsnEdgeError("an MQTT client certificate needs both --mqtt-cert and --mqtt-key")
         self.settings = settings
+        self.ssl_context = self._ssl_context() if self.tls else None
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        """Verify the broker (host name included) against the CA file, or the system's CAs."""
+        s = self.settings
+        try:
+            context = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None)
+            if s.cert_file is not None:
+                context.load_cert_chain(str(s.cert_file), str(s.key_file))
+        except ssl.SSLError as e:
+            raise MsnEdgeError(
+                f"MQTT TLS: cannot load the certificates ({e.reason or e})"
+            ) from None
+        return context
+
+    def check_tls(self, timeout_s: float = PROBE_S) -> bool:
+        """One TLS handshake with the broker: MsnEdgeError if the broker is there and the
+        handshake fails, False if it cannot be reached now (or is slow), True if verified."""
+        assert self.ssl_context is not None
+        try:
+            raw = socket.create_connection((self.host, self.port), timeout=timeout_s)
+        except OSError as e:
+            log.warning(
+                "MQTT: %s cannot be reached now (%s); events are queued until it can",
+                self,
+                e.strerror or e,
+            )
+            return False
+        try:
+            with raw, self.ssl_context.wrap_socket(raw, server_hostname=self.host) as tls:
+                with contextlib.suppress(OSError):
+                    tls.unwrap()  # a clean TLS close: the broker logs no error
+                return True
+        except ssl.SSLCertVerificationError as e:
+            ca = self.settings.ca_file or "the system's CAs"
+            raise MsnEdgeError(
+                f"{self}: the broker's certificate does not verify against {ca} "
+                f"({e.verify_message}); check --mqtt-ca"
+            ) from None
+        except TimeoutError:
+            log.warning("MQTT: %s did not finish the TLS handshake in %g s", self, timeout_s)
+            return False
+        except OSError as e:  # SSLError, or the broker hung up on the handshake
+            reason = getattr(e, "reason", None) or e.strerror or e
+            raise MsnEdgeError(
+                f"{self}: TLS handshake failed ({reason}); is it the broker's TLS port?"
+            ) from None
 
     def __str__(self) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
@@ -105,10 +161,12 @@ class Broker:
 class MqttSink:
     """An event sink that publishes to a broker; see the module doc for the topics."""
 
-    def __init__(self, settings: MqttSettings, streams: list[str]) -> None:
+    def __init__(
+        self, settings: MqttSettings, streams: list[str], broker: Broker | None = None
+    ) -> None:
         mqtt = _paho()
         self._mqtt = mqtt
-        self.broker = Broker(settings)
+        self.broker = broker or Broker(settings)
         self.prefix = (settings.topic or default_prefix()).rstrip("/")
         if not self.prefix or any(c in self.prefix for c in "+#\0"):
             raise MsnEdgeError(f"--mqtt-topic {self.prefix!r}: no wildcards (+, #) in a prefix")
@@ -139,12 +197,8 @@ class MqttSink:
         b = self.broker
         if b.username:
             client.username_pw_set(b.username, b.password)
-        if b.tls:
-            client.tls_set(
-                ca_certs=str(settings.ca_file) if settings.ca_file else None,
-                certfile=str(settings.cert_file) if settings.cert_file else None,
-                keyfile=str(settings.key_file) if settings.key_file else None,
-            )
+        if b.ssl_context is not None:
+            client.tls_set_context(b.ssl_context)
         client.will_set(self._monitor_topic, self._monitor_status("offline", "lost"), 1, True)
         client.max_inflight_messages_set(INFLIGHT)
         client.reconnect_delay_set(*RECONNECT_S)
@@ -157,7 +211,11 @@ class MqttSink:
 
     @classmethod
     def start(cls, settings: MqttSettings, streams: list[str]) -> MqttSink:
-        sink = cls(settings, streams)
+        _paho()
+        broker = Broker(settings)
+        if broker.tls:  # before the queue is opened: a wrong CA leaves nothing behind
+            broker.check_tls()
+        sink = cls(settings, streams, broker)
         log.info(
             "MQTT: publishing to %s under %s/ as %s (queue %s)",
             sink.broker,
@@ -325,8 +383,13 @@ class MqttSink:
         rows = self.queue.peek(self._last_sent, room)
         for qid, topic, payload in rows:
             info = self._client.publish(topic, payload, 1, False)
-            # NO_CONN: paho keeps the message and sends it, in order, on reconnection.
-            if info.rc not in (self._mqtt.MQTT_ERR_SUCCESS, self._mqtt.MQTT_ERR_NO_CONN):
+            if info.rc == self._mqtt.MQTT_ERR_NO_CONN:
+                # The connection broke under us: paho keeps the message and sends it, in
+                # order, on reconnection, and marks it published on its PUBACK; but
+                # is_published() raises for a message whose publish() said NO_CONN, which
+                # would stop the acknowledgements (and kill this thread). It is queued, so:
+                info.rc = self._mqtt.MQTT_ERR_SUCCESS
+            elif info.rc != self._mqtt.MQTT_ERR_SUCCESS:
                 log.warning("MQTT: publish failed (%s); retrying", info.rc)
                 return False
             self._inflight.append((qid, info))
@@ -336,18 +399,18 @@ class MqttSink:
     # -- closing ----------------------------------------------------------------------
 
     def close(self, timeout_s: float = CLOSE_S) -> None:
-        """Deliver what the queue holds (up to `timeout_s`), publish the final status."""
+        """Deliver what the queue holds (up to `timeout_s`), publish the final status.
+
+        Also while not connected: a short run ends before its first connection is made,
+        and a broker that is away may come back; what is left stays queued on disk.
+        """
         deadline = time.monotonic() + timeout_s
         with self._cond:
             for status in self._status.values():
                 status["state"] = "stopped"
             self._dirty.update(self._status)
             self._cond.notify()
-        while (
-            time.monotonic() < deadline
-            and self.connected
-            and (len(self.queue) or self._inflight or self._dirty)
-        ):
+        while time.monotonic() < deadline and (len(self.queue) or self._inflight or self._dirty):
             time.sleep(0.05)
         self._closing = True
         if self.connected:

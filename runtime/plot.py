@@ -91,17 +91,17 @@ def _broken_at(xs: list, ys: list[float], breaks: set[int]) -> tuple[list, list[
 
 def plot_timeline(events: str | Path, out: str | Path, *, title: str | None = None) -> Path:
     """Write a PNG of the score over time; the threshold, anomalous windows, alarms, gaps."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
+    try:  # the object API with the Agg canvas: no pyplot, no global backend switch
         import matplotlib.dates as mdates
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         raise MsnEdgeError("plotting needs matplotlib: pip install 'msn-edge[plot]'") from None
     tl = read_events(events)
     mid = [s + (e - s) / 2 for s, e in zip(tl.start, tl.end, strict=True)]  # window centres
-    fig, ax = plt.subplots(figsize=FIGSIZE_IN, dpi=DPI)
+    fig = Figure(figsize=FIGSIZE_IN, dpi=DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     ax.plot(*_broken_at(mid, tl.score, tl.gaps), color=NORMAL_COLOUR, linewidth=1.0, label="score")
     ax.plot(
         *_broken_at(mid, tl.threshold, tl.gaps),
@@ -150,6 +150,4 @@ def plot_timeline(events: str | Path, out: str | Path, *, title: str | None = No
         fig.savefig(out, format="png")
     except OSError as e:
         raise MsnEdgeError(f"{out}: cannot write the plot ({e.strerror})") from None
-    finally:
-        plt.close(fig)
     return out

@@ -45,14 +45,13 @@ from msn_edge.runtime.engine_cache import (
     load_cached_engine,
     save_cached_engine,
 )
-from msn_edge.runtime.engines import TENSORRT_HINT, Engine, check_inputs
+from msn_edge.runtime.engines import TENSORRT_HINT, Engine, check_inputs, check_precision
 from msn_edge.runtime.errors import BackendError
 from msn_edge.runtime.gpu import query_gpu, tensorrt_unsupported
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WORKSPACE_MB = 1024  # builder scratch memory; Jetson Orin Nano has 8 GB shared
-PRECISIONS = ("fp32", "fp16", "int8")
 _MiB = 1 << 20
 T = TypeVar("T")
 
@@ -69,8 +68,7 @@ class BuildPlan:
 
 def precision_plan(precision: str, *, weak_typing: bool) -> BuildPlan:
     """How to build `precision`; `weak_typing`: this TensorRT still has BuilderFlag.FP16 (10.x)."""
-    if precision not in PRECISIONS:
-        raise BackendError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
+    check_precision(precision)
     if precision == "fp32":
         return BuildPlan(strongly_typed=True, builder_flags=())
     if weak_typing:
@@ -129,6 +127,20 @@ def current_engine_key(
         gpu=query_gpu(),
         max_batch=max_batch,
     )
+
+
+def engine_cache_entry(
+    onnx_bytes: bytes,
+    precision: str,
+    *,
+    cache_dir: Path,
+    stem: str,
+    max_batch: int = DEFAULT_MAX_BATCH,
+) -> tuple[EngineKey, Path]:
+    """This TensorRT and GPU's key for the engine of `onnx_bytes`, and the file it is cached
+    in: where the runtime looks, and where `msn-edge export --format engine` saves."""
+    key = current_engine_key(onnx_bytes, precision, max_batch=max_batch)
+    return key, cache_path(cache_dir, stem, key)
 
 
 def build_engine(
@@ -199,13 +211,10 @@ def load_or_build_engine(
     max_batch: int = DEFAULT_MAX_BATCH,
 ) -> bytes:
     """The cached engine for this TensorRT, GPU and model, building (and caching) it if needed."""
-    key = current_engine_key(onnx_bytes, precision, max_batch=max_batch)
-    path = cache_path(cache_dir, stem, key)
-    plan = load_cached_engine(path, key)
-    if plan is not None:
-        log.info("TensorRT engine from cache: %s", path)
-        return plan
-    return _build_and_cache(onnx_bytes, key, path)
+    keep = lambda plan: plan  # noqa: E731 - the plan itself is what is loaded
+    return open_cached_engine(
+        onnx_bytes, precision, keep, cache_dir=cache_dir, stem=stem, max_batch=max_batch
+    )
 
 
 def open_cached_engine(
@@ -220,8 +229,9 @@ def open_cached_engine(
     """`load(plan)` of the cached engine, built if needed. A cached plan whose key matches
     but that TensorRT cannot deserialize (a TensorRT rebuild under the same version, a
     driver change, bytes damaged along with their sidecar) is dropped and rebuilt once."""
-    key = current_engine_key(onnx_bytes, precision, max_batch=max_batch)
-    path = cache_path(cache_dir, stem, key)
+    key, path = engine_cache_entry(
+        onnx_bytes, precision, cache_dir=cache_dir, stem=stem, max_batch=max_batch
+    )
     plan = load_cached_engine(path, key)
     if plan is not None:
         try:

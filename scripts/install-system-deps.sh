@@ -6,6 +6,7 @@
 #   libsndfile1   WAV/FLAC decoding for soundfile where its wheel does not bundle it
 #   mosquitto     an MQTT broker: the tests of `monitor --mqtt` start their own on 127.0.0.1
 #                 (an edge box publishes to the plant's broker and does not need it)
+#   openssl       the CLI the MQTT TLS test makes its CA and broker certificate with
 # libasound2-plugins is not needed: it adds PulseAudio/JACK bridges an edge box does not use.
 # apt-based systems (Debian, Ubuntu, JetPack); runs as root, or through sudo otherwise.
 # Usage: bash scripts/install-system-deps.sh   (scripts/setup.sh calls it; so should CI)
@@ -28,7 +29,7 @@ if installed libasound2t64; then
 fi
 
 missing=()
-for pkg in "$alsa_lib" alsa-utils libportaudio2 libsndfile1 mosquitto; do
+for pkg in "$alsa_lib" alsa-utils libportaudio2 libsndfile1 mosquitto openssl; do
   installed "$pkg" || missing+=("$pkg")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0

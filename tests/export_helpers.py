@@ -19,7 +19,7 @@ import torch
 from click.testing import CliRunner
 from train_helpers import small_config, synth_set
 
-from msn_edge.checkpoint import save_checkpoint
+from msn_edge.checkpoint import new_state, save_checkpoint
 from msn_edge.cli import main
 from msn_edge.config import Config
 from msn_edge.model import MSN
@@ -46,19 +46,13 @@ def make_run(run_dir: Path, data: Path, seed: int, config: Config | None = None)
     config = small_config() if config is None else config
     model = random_model(config, seed)
     clips = training_clips([data])
-    state = {
-        "config": config.to_dict(),
-        "model": model.state_dict(),
-        "epoch": 0,
-        "classes": sorted({c.class_name for c in clips}),
-        "auxiliary": None,
-        "data": {
-            "roots": [str(data)],
-            "n_clips": len(clips),
-            "groups": sorted({c.group for c in clips}),
-        },
+    data_record = {
+        "roots": [str(data)],
+        "n_clips": len(clips),
+        "groups": sorted({c.group for c in clips}),
     }
-    save_checkpoint(run_dir / "checkpoint.pt", state)
+    classes = sorted({c.class_name for c in clips})
+    save_checkpoint(run_dir / "checkpoint.pt", new_state(config, model, classes, data=data_record))
     save_scoring(run_dir, fit_scoring(model, config, clips))
     return run_dir
 

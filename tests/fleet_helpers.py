@@ -1,7 +1,9 @@
 """A real Mosquitto broker for tests, on 127.0.0.1 and a free port, and a recording subscriber.
 
 The broker keeps sessions on disk (`persistence true`), so a subscriber's session and
-the messages queued for it survive a broker restart, as with a plant's broker.
+the messages queued for it survive a broker restart, as with a plant's broker. With
+`tls=`, it also listens for TLS on a second port (`tls_port`, `tls_url`), with a server
+certificate made by `make_certificates` (the openssl CLI).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import socket
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,45 @@ MOSQUITTO = shutil.which("mosquitto") or next(
     (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)),
     None,
 )
+
+
+@dataclass(frozen=True)
+class Certificates:
+    ca: Path  # the CA that signed the server's certificate
+    server_cert: Path  # for 127.0.0.1 (IP subjectAltName) and localhost
+    server_key: Path
+    other_ca: Path  # a CA that signed nothing here
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def make_certificates(root: Path) -> Certificates:
+    """A test CA, a server certificate it signs for 127.0.0.1, and an unrelated CA."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl CLI is not installed: run scripts/install-system-deps.sh")
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("ca", "other-ca"):
+        _openssl(
+            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-days", "2", "-subj", f"/CN=msn-edge test {name}",
+            "-keyout", str(root / f"{name}.key"), "-out", str(root / f"{name}.crt"),
+        )  # fmt: skip
+    _openssl(
+        "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-subj", "/CN=127.0.0.1",
+        "-keyout", str(root / "server.key"), "-out", str(root / "server.csr"),
+    )  # fmt: skip
+    (root / "san.ext").write_text("subjectAltName = IP:127.0.0.1, DNS:localhost\n")
+    _openssl(
+        "x509", "-req", "-in", str(root / "server.csr"), "-days", "2",
+        "-CA", str(root / "ca.crt"), "-CAkey", str(root / "ca.key"), "-CAcreateserial",
+        "-extfile", str(root / "san.ext"), "-out", str(root / "server.crt"),
+    )  # fmt: skip
+    return Certificates(
+        root / "ca.crt", root / "server.crt", root / "server.key", root / "other-ca.crt"
+    )
 
 
 def free_port() -> int:
@@ -39,10 +81,17 @@ def needs_mosquitto() -> str:
 class Mosquitto:
     """One broker process; `stop()` and `start()` again keep its port and its sessions."""
 
-    def __init__(self, root: Path, *, passwords: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        passwords: dict[str, str] | None = None,
+        tls: Certificates | None = None,
+    ) -> None:
         self.binary = needs_mosquitto()
         self.root = root
         self.port = free_port()
+        self.tls_port = free_port() if tls else None
         self.log = root / "mosquitto.log"
         lines = [
             f"listener {self.port} 127.0.0.1",
@@ -54,6 +103,13 @@ class Mosquitto:
             "log_type warning",
             "log_type notice",
         ]
+        if tls:
+            lines += [
+                f"listener {self.tls_port} 127.0.0.1",
+                f"cafile {tls.ca}",
+                f"certfile {tls.server_cert}",
+                f"keyfile {tls.server_key}",
+            ]
         if os.geteuid() == 0:
             lines.append("user root")  # else it drops to `mosquitto`, who cannot write here
         if passwords:
@@ -76,6 +132,10 @@ class Mosquitto:
     @property
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def tls_url(self) -> str:
+        return f"mqtts://127.0.0.1:{self.tls_port}"
 
     def start(self, timeout_s: float = 10.0) -> None:
         with open(self.log, "a") as log:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import pkgutil
 import subprocess
 import sys
-import textwrap
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,22 +15,13 @@ import numpy as np
 import pytest
 from bench_helpers import make_bench_fast
 from click.testing import CliRunner
+from no_torch import TORCH_NOT_IMPORTED, no_torch_env
 from onnx import TensorProto, helper, numpy_helper
 from toy_bundle import make_toy_bundle
 
-from msn_edge.cli import main
-from msn_edge.runtime import bench
-from msn_edge.runtime.bench import (
-    BenchSettings,
-    Case,
-    LatencyStats,
-    format_report,
-    run_benchmark,
-    select_cases,
-    time_call,
-)
-from msn_edge.runtime.errors import MsnEdgeError
-from msn_edge.runtime.profile import (
+from msn_edge.benchmarks.cases import ALL_CASES, BenchSettings, Case, select_cases
+from msn_edge.benchmarks.measure import LatencyStats, synthetic_windows, time_call
+from msn_edge.benchmarks.op_profile import (
     NO_PATH,
     format_profile,
     graph_flops,
@@ -38,6 +29,10 @@ from msn_edge.runtime.profile import (
     node_flops,
     profile_model,
 )
+from msn_edge.benchmarks.report import format_report
+from msn_edge.benchmarks.runner import run_benchmark
+from msn_edge.cli import main
+from msn_edge.runtime.errors import MsnEdgeError
 
 FAST = BenchSettings(iterations=5, warmup=1, batch=4, threads=1)
 
@@ -88,7 +83,7 @@ def test_settings_reject_nonsense():
 def test_select_cases_by_prefix_and_unknown():
     assert [c.name for c in select_cases(["ort-cpu"])] == ["ort-cpu-fp32", "ort-cpu-int8"]
     assert [c.name for c in select_cases(["tensorrt-fp16"])] == ["tensorrt-fp16"]
-    assert len(select_cases()) == len(bench.ALL_CASES)
+    assert len(select_cases()) == len(ALL_CASES)
     with pytest.raises(MsnEdgeError, match="unknown backend onnx-magic"):
         select_cases(["onnx-magic"])
 
@@ -253,7 +248,7 @@ def test_profile_aggregates_by_op_and_prefix(toy):
     from msn_edge.runtime.frontend import features
 
     b = read_bundle(toy)
-    inputs = features(bench.synthetic_windows(b.frontend.window_samples, 1, 0), b.frontend)
+    inputs = features(synthetic_windows(b.frontend.window_samples, 1, 0), b.frontend)
     p = profile_model(b.model_bytes("fp32"), inputs, threads=1, runs=4, warmup=2, label="toy")
     assert p.runs == 4 and p.batch == 1
     ops = {r.key: r for r in p.by_op_type}
@@ -272,7 +267,7 @@ def test_report_has_every_field_with_sane_values(toy_report):
     assert r.peaks["cpu-fp32"].gflops > 0 and r.peaks["cpu-fp32"].threads == 1
     assert r.peaks["cpu-int8"].gflops > 0 and "MatMulInteger" in r.peaks["cpu-int8"].method
     by_name = {c.name: c for c in r.cases}
-    assert set(by_name) == {c.name for c in bench.ALL_CASES}
+    assert set(by_name) == {c.name for c in ALL_CASES}
     for name in ("ort-cpu-fp32", "ort-cpu-int8"):
         c = by_name[name]
         assert c.status == "ok", c.reason
@@ -341,7 +336,7 @@ class _Recording:
 
 def recording_engine(bundle, case, settings, checkpoint):
     """Bench factory for the child processes of the tests below (tests/ on PYTHONPATH)."""
-    from msn_edge.runtime.bench_child import runtime_engine
+    from msn_edge.benchmarks.worker import runtime_engine
 
     return _Recording(runtime_engine(bundle, case, settings, checkpoint), case.name)
 
@@ -386,7 +381,9 @@ def test_bundle_without_int8_skips_int8(tmp_path):
 
 
 def test_a_failing_backend_is_reported_not_raised(toy):
-    broken = Case("broken", "cpu", "fp32", "cpu", factory="msn_edge.runtime.bench:no_such_factory")
+    broken = Case(
+        "broken", "cpu", "fp32", "cpu", factory="msn_edge.benchmarks.runner:no_such_factory"
+    )
     r = run_benchmark(toy, FAST, cases=[broken])
     (c,) = r.cases
     assert c.status == "failed"
@@ -418,31 +415,35 @@ def test_cli_errors_are_one_line(tmp_path, toy):
     assert res.exit_code == 1 and "--iterations must be at least 1" in res.output
 
 
-BLOCK_TORCH = textwrap.dedent(
-    """
-    import sys
+# The regeneration scripts beside the library; they may import torch (training, export).
+SCRIPTS = {"accuracy", "autoencoder", "capacity", "first_shot", "latency", "train_throughput"}
 
-    class _NoTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ModuleNotFoundError("No module named 'torch' (blocked)", name=name)
-            return None
 
-    sys.meta_path.insert(0, _NoTorch())
-    """
-)
+def test_bench_library_imports_without_torch(tmp_path):
+    """Every library module of msn_edge.benchmarks (not the scripts) and the bench CLI
+    import on a box without torch, and none of them imports it."""
+    import msn_edge.benchmarks
+
+    modules = {m.name for m in pkgutil.iter_modules(msn_edge.benchmarks.__path__)} - SCRIPTS
+    assert {"cases", "eager", "peaks", "runner", "worker"} <= modules
+    code = "import importlib, sys\n"
+    code += "".join(f"importlib.import_module('msn_edge.benchmarks.{m}')\n" for m in modules)
+    code += "import msn_edge.cli.bench\n" + TORCH_NOT_IMPORTED
+    env = no_torch_env(tmp_path)
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stderr
 
 
 def test_bench_runs_where_torch_is_missing(toy, tmp_path):
-    (tmp_path / "sitecustomize.py").write_text(BLOCK_TORCH)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
+    env = no_torch_env(tmp_path)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    code = "import sys; from msn_edge.cli import main; sys.exit(main())"
+    code = "import sys\nfrom msn_edge.cli import main\ntry:\n    main()\nfinally:\n    "
+    code += TORCH_NOT_IMPORTED
     args = ["bench", str(toy), "--backend", "pytorch-eager", "--backend", "ort-cpu-fp32"]
     args += ["--iterations", "2", "--warmup", "0", "--threads", "1", "--checkpoint", str(run_dir)]
-    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True)
-    assert probe.returncode != 0, "the blocker must hide torch"
     res = subprocess.run(
         [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=120
     )

@@ -23,10 +23,12 @@ from bench_helpers import SMALL_GEMM, make_bench_fast
 from click.testing import CliRunner
 from export_helpers import make_run
 
+from msn_edge.benchmarks.cases import ALL_CASES, RUNTIME_CASES
 from msn_edge.cli import main
 from msn_edge.config import preset
-from msn_edge.runtime import bench
 from msn_edge.synth import synthesize
+
+pytestmark = pytest.mark.slow  # the module's fixture trains, exports and benchmarks
 
 ITERATIONS, WARMUP, BATCH, THREADS = 3, 1, 2, 1
 CPU_ROWS = ("pytorch-eager", "ort-cpu-fp32", "ort-cpu-int8")
@@ -109,13 +111,13 @@ def test_tiny_cpu_rows_are_measured_and_gpu_rows_skipped_with_a_reason(tiny_benc
     from msn_edge.runtime.engines import available_backends
 
     cases = _cases(tiny_bench.report)
-    assert list(cases) == [c.name for c in bench.ALL_CASES]
+    assert list(cases) == [c.name for c in ALL_CASES]
     for name in CPU_ROWS:
         c = cases[name]
         assert c["status"] == "ok", c["reason"]
         assert c["engine"] and c["threads"] == THREADS and c["batch"] == BATCH
     reasons = available_backends()
-    for case in bench.RUNTIME_CASES:
+    for case in RUNTIME_CASES:
         if case.device != "gpu":
             continue
         c = cases[case.name]

@@ -66,6 +66,7 @@ def _torchrun(tmp_path, device: str, nproc: int = 2, env: dict | None = None):
     return done, data, ddp_run, config
 
 
+@pytest.mark.slow  # two torchrun processes train
 def test_torchrun_two_processes_agree_and_write_one_run(tmp_path):
     # CPU and gloo, explicitly: on a CUDA machine train() would otherwise pick the GPUs.
     done, data, ddp_run, config = _torchrun(tmp_path, "cpu", env={"CUDA_VISIBLE_DEVICES": ""})

@@ -62,7 +62,7 @@ def batch(toy):
 def cpu_only(monkeypatch):
     """This machine as if no GPU package were installed, whatever is really there."""
     monkeypatch.setattr(engines.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    monkeypatch.setattr(engines, "_module_missing", lambda name: True)
+    monkeypatch.setattr(engines, "module_missing", lambda name: True)
 
 
 def test_ort_cpu_embeddings_equal_reference_math(toy, batch):
@@ -117,7 +117,7 @@ def test_available_backends_reasons_without_a_gpu(monkeypatch):
         "get_available_providers",
         lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
     )
-    monkeypatch.setattr(engines, "_module_missing", lambda name: False)
+    monkeypatch.setattr(engines, "module_missing", lambda name: False)
     monkeypatch.setattr(engines, "_gpu_missing_reason", lambda: "no NVIDIA GPU (test)")
     assert available_backends() == {
         "cpu": None,
@@ -382,7 +382,7 @@ def test_precision_plan_for_tensorrt_10_and_11():
 
 
 def test_native_tensorrt_without_the_package(toy, monkeypatch):
-    if not engines._module_missing("tensorrt"):
+    if not engines.module_missing("tensorrt"):
         pytest.skip("tensorrt is installed here")
     with pytest.raises(
         BackendError,

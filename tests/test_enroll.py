@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import zipfile
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
+from no_torch import no_torch_env
 from toy_bundle import anomalous_signal, make_toy_bundle, toy_frontend
 
 from msn_edge.cli import main
@@ -38,17 +38,6 @@ from msn_edge.runtime.sources import Chunk, Source
 
 RATE = 16_000
 FE = toy_frontend()  # 1 s windows
-BLOCK_TORCH = """
-import sys
-
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ModuleNotFoundError("No module named 'torch' (blocked)", name=name)
-        return None
-
-sys.meta_path.insert(0, _NoTorch())
-"""
 
 
 @pytest.fixture(scope="module")
@@ -338,6 +327,11 @@ def test_update_needs_an_existing_group(toy, tmp_path):
 # Thresholds by false alarms per day.
 
 
+def test_options_refuse_a_non_finite_hop_from_a_library_caller():
+    with pytest.raises(MsnEdgeError, match="--hop must be a number of seconds, got nan"):
+        EnrollOptions(group="m", hop_s=float("nan")).hop(toy_frontend())
+
+
 def test_false_alarm_rate_sets_the_quantile_for_the_hop():
     rng = np.random.default_rng(0)
     scores = rng.exponential(0.01, size=20_000).astype(np.float32)
@@ -432,7 +426,6 @@ def test_off_distribution_audio_gives_a_warning(toy, tmp_path):
         (["-o", "{dir}/x.msn", "--quantile", "1.5"], "--quantile must be between 0 and 1"),
         (["-o", "{dir}/x.msn", "--false-alarms-per-day", "0"], "must be more than 0"),
         (["-o", "{dir}/x.msn", "--false-alarms-per-day", "1e9"], "is every window or more"),
-        (["-o", "{dir}/x.msn", "--hop", "nan"], "--hop must be a number of seconds"),
         (["-o", "{dir}/x.msn", "--hop", "3"], "--hop must be more than 0 and at most"),
     ],
 )
@@ -444,6 +437,16 @@ def test_cli_user_errors_are_one_line(toy, tmp_path, args, message):
     code, out, err = run("enroll", toy, "--group", "m", "--input", rec, *args)
     assert message in one_error(code, err) and out == ""
     assert toy.read_bytes() == before and (tmp_path / "exists.msn").read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0"])
+def test_cli_hop_is_the_monitors_option(toy, tmp_path, value):
+    # One --hop for enroll and monitor: a positive, finite number of seconds, checked by click.
+    rec = write_wav(tmp_path / "m.wav", windows_of(10, seed=1))
+    out = tmp_path / "x.msn"
+    code, _, err = run("enroll", toy, "--group", "m", "--input", rec, "--hop", value, "-o", out)
+    assert code == 2 and "Invalid value for '--hop'" in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_cli_needs_one_source_and_minutes_for_a_device(toy, tmp_path):
@@ -526,10 +529,7 @@ def test_monitor_enroll_first_fails_cleanly(toy, tmp_path):
 
 
 def test_enroll_runs_without_torch(toy, tmp_path):
-    (tmp_path / "sitecustomize.py").write_text(BLOCK_TORCH)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
-    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True)
-    assert probe.returncode != 0, "the blocker must hide torch"
+    env = no_torch_env(tmp_path)
     rec = write_wav(tmp_path / "m.wav", windows_of(10, seed=1))
     out = tmp_path / "edge.msn"
     code = (

@@ -13,7 +13,7 @@ import soundfile as sf
 import torch
 from click.testing import CliRunner
 
-from msn_edge.checkpoint import save_checkpoint
+from msn_edge.checkpoint import new_state, save_checkpoint
 from msn_edge.cli import main
 from msn_edge.config import preset
 from msn_edge.datasets import scan
@@ -30,8 +30,7 @@ def make_run(run_dir, seed: int = 0):
     torch.manual_seed(seed)
     cfg = preset("tiny")
     model = MSN(cfg.model).eval()
-    state = {"config": cfg.to_dict(), "model": model.state_dict(), "epoch": 0, "classes": ["x"]}
-    save_checkpoint(run_dir / "checkpoint.pt", state)
+    save_checkpoint(run_dir / "checkpoint.pt", new_state(cfg, model, ["x"]))
     return cfg, model
 
 

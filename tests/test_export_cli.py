@@ -21,6 +21,7 @@ def score_lines(model, files, group):
     return [line.split("\t") for line in result.stdout.splitlines()]
 
 
+@pytest.mark.slow  # reads the shared --int8 export (export_helpers.exported_bundle)
 def test_report_table_on_stdout_logs_on_stderr(exported):
     lines = exported.stdout.splitlines()
     assert lines[:2] == ["| item | value |", "|---|---|"]
@@ -30,6 +31,7 @@ def test_report_table_on_stdout_logs_on_stderr(exported):
     assert "onnx_ir" not in exported.output  # the exporter's internals stay quiet
 
 
+@pytest.mark.slow  # reads the shared --int8 export (export_helpers.exported_bundle)
 def test_bundle_gives_the_verdicts_of_the_checkpoint(exported):
     group = "fan/id_01"  # not the bundle's default group: --group must reach the scorer
     files = sorted((exported.data / "fan" / "test").glob("*_id_01_*.wav"))
@@ -47,6 +49,7 @@ def test_help_has_an_example():
     assert result.exit_code == 0 and "Example:" in result.output and "--int8" in result.output
 
 
+@pytest.mark.slow  # reads the shared --int8 export (export_helpers.exported_bundle)
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -74,6 +77,7 @@ def _reuse_exported_graph(monkeypatch, exported):
     monkeypatch.setattr("msn_edge.export.pack.export_onnx", lambda model, metadata: graph)
 
 
+@pytest.mark.slow  # reads the shared --int8 export (export_helpers.exported_bundle)
 def test_parity_failure_exits_nonzero_and_writes_no_bundle(exported, tmp_path, monkeypatch):
     # Another run's weights under the shared run's graph: the graph no longer matches.
     other = make_run(tmp_path / "other", exported.data, seed=1)
@@ -86,6 +90,7 @@ def test_parity_failure_exits_nonzero_and_writes_no_bundle(exported, tmp_path, m
     assert not out.exists() and list(tmp_path.glob("*.msn")) == []
 
 
+@pytest.mark.slow  # reads the shared --int8 export (export_helpers.exported_bundle)
 @pytest.mark.skipif(
     available_backends()["tensorrt"] is None, reason="TensorRT can run here: see test_tensorrt.py"
 )

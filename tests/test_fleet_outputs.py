@@ -22,7 +22,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from fleet_helpers import Mosquitto, Subscriber, free_port, needs_mosquitto, retained
+from fleet_helpers import (
+    Mosquitto,
+    Subscriber,
+    free_port,
+    make_certificates,
+    needs_mosquitto,
+    retained,
+)
 from stream_helpers import RATE
 from toy_bundle import anomalous_signal, make_toy_bundle, normal_signal, toy_frontend
 
@@ -211,6 +218,76 @@ def test_mqtt_user_and_password(tmp_path):
         broker.stop()
 
 
+def test_cli_mqtt_over_tls_with_its_ca_and_a_wrong_ca_is_one_line(toy, tmp_path):
+    """mqtts:// with --mqtt-ca: every event arrives through the broker's TLS listener (the
+    test subscribes on its plain one); a CA that did not sign the broker's certificate
+    stops the monitor before it starts, with one line and exit status 1."""
+    from click.testing import CliRunner
+
+    from msn_edge.cli import main
+
+    needs_mosquitto()
+    certs = make_certificates(tmp_path / "tls")
+    broker = Mosquitto(tmp_path, tls=certs)
+    broker.start()
+    wav = write_recording(tmp_path / "press.wav", "nnaaann", seed=3)
+    sub = Subscriber(broker.port, f"{PREFIX}/#")
+    base = ["monitor", str(toy), "--input", str(wav), "--alarm-after", "2", "--threads", "1"]
+    base += ["--mqtt", broker.tls_url, "--mqtt-topic", PREFIX]
+    try:
+        good = CliRunner().invoke(
+            main, [*base, "--mqtt-ca", str(certs.ca), "--mqtt-queue", str(tmp_path / "q1")]
+        )
+        assert good.exit_code == 0, good.stderr
+        events = [json.loads(line) for line in good.stdout.splitlines()]
+        windows = [e for e in events if e["event"] == "window"]
+        assert len(windows) == 7
+        assert sub.wait_for(lambda: len(sub.on(f"{PREFIX}/press/window")) >= 7), (
+            good.stderr + broker.log.read_text()
+        )
+        got = [json.loads(p) for p in sub.on(f"{PREFIX}/press/window")]
+        assert got == windows  # the same events, once, in order
+        alarms = [json.loads(p)["event"] for p in sub.on(f"{PREFIX}/press/alarm")]
+        assert alarms == ["alarm", "clear"]
+        assert "mqtts://127.0.0.1" in good.stderr and "connected" in good.stderr
+
+        bad = CliRunner().invoke(
+            main, [*base, "--mqtt-ca", str(certs.other_ca), "--mqtt-queue", str(tmp_path / "q2")]
+        )
+        assert bad.exit_code == 1
+        assert "Traceback" not in bad.stderr and bad.stdout == ""  # nothing was scored
+        line = bad.stderr.strip().splitlines()[-1]
+        assert line.startswith(
+            f"Error: {broker.tls_url}: the broker's certificate does not verify against "
+            f"{certs.other_ca} ("
+        ), line
+        assert line.endswith("); check --mqtt-ca")
+        time.sleep(0.3)
+        assert len(sub.on(f"{PREFIX}/press/window")) == 7  # nothing more came
+    finally:
+        sub.close()
+        broker.stop()
+
+
+def test_mqtts_to_a_plain_listener_is_one_line(tmp_path):
+    needs_mosquitto()
+    from msn_edge.runtime.errors import MsnEdgeError
+    from msn_edge.runtime.mqtt_sink import MqttSink
+
+    certs = make_certificates(tmp_path / "tls")
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    try:
+        settings = MqttSettings(
+            f"mqtts://127.0.0.1:{broker.port}", ca_file=certs.ca, queue_dir=tmp_path / "q"
+        )
+        with pytest.raises(MsnEdgeError, match=r"TLS handshake failed \(.+\); is it the broker"):
+            MqttSink.start(settings, ["s"])
+    finally:
+        broker.stop()
+    assert not (tmp_path / "q").exists()  # refused before the queue was made
+
+
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -255,6 +332,13 @@ def test_cli_metrics_scraped_during_a_run_and_the_last_will(toy, tmp_path):
         assert metrics[("msn_edge_mqtt_connected", ())] == 1.0
         assert metrics[("msn_edge_mqtt_dropped_events_total", ())] == 0.0
         assert metrics[("msn_edge_overruns_total", label)] == 0.0
+        assert metrics[("msn_edge_dropped_samples_total", label)] == 0.0
+        assert metrics[("msn_edge_reconnects_total", label)] == 0.0
+        assert metrics[("msn_edge_frontend_seconds_count", (("backend", "cpu"),))] >= windows_then
+        assert metrics[("msn_edge_frontend_seconds_sum", (("backend", "cpu"),))] > 0.0
+        assert metrics[("msn_edge_batch_wait_seconds_count", (("backend", "cpu"),))] >= 1
+        assert metrics[("msn_edge_mqtt_queue_depth", ())] >= 0.0
+        assert np.isfinite(metrics[("msn_edge_score", label)])  # a window's score, not NaN
         info = [k for k in metrics if k[0] == "msn_edge_engine_info"]
         assert (
             info and dict(info[0][1])["backend"] == "cpu" and dict(info[0][1])["streams"] == "long"
@@ -375,3 +459,43 @@ def test_metrics_count_an_invalid_window_without_a_score(tmp_path):
     assert got[("msn_edge_anomalous_windows_total", "m")] == 1
     assert got[("msn_edge_invalid_windows_total", "m")] == 1
     assert np.isnan(got[("msn_edge_score", "m")]) and np.isnan(got[("msn_edge_anomalous", "m")])
+
+
+def test_a_publish_that_raced_a_disconnect_is_acknowledged_after_the_reconnection(tmp_path):
+    """publish() answered NO_CONN (the connection broke between the check and the call):
+    paho keeps the message, resends it on reconnection and marks it published on its
+    PUBACK. The sender must then take it off the queue, in order, and not die on
+    is_published() raising for such a message (it did, under load, in the restart test)."""
+    mqtt_client = pytest.importorskip("paho.mqtt.client")
+    from msn_edge.runtime.mqtt_sink import MqttSink
+
+    sink = MqttSink(MqttSettings("mqtt://127.0.0.1:1", queue_dir=tmp_path / "q"), ["s"])
+    infos = []
+
+    class Disconnected:
+        def publish(self, topic, payload, qos, retain):
+            info = mqtt_client.MQTTMessageInfo(len(infos) + 1)
+            info.rc = mqtt_client.MQTT_ERR_NO_CONN
+            infos.append(info)
+            return info
+
+    sink._client = Disconnected()
+    for i in range(3):
+        sink(
+            {"event": "window", "stream": "s", "index": i, "end": "x", "score": 0.0}
+            | {"threshold": 0.1, "verdict": "normal"}
+        )
+    assert sink._fill() is False and len(infos) == 3  # all handed over, nothing more waits
+    sink._reap()
+    assert (sink.delivered, sink.depth) == (0, 3)  # not acknowledged yet: kept
+    infos[0]._set_as_published()  # the PUBACKs after the reconnection
+    infos[1]._set_as_published()
+    sink._reap()
+    assert (sink.delivered, sink.depth) == (2, 1)
+    assert [p for _, _, p in sink.queue.peek(0, 10)] == [
+        json.dumps(
+            {"event": "window", "stream": "s", "index": 2, "end": "x", "score": 0.0}
+            | {"threshold": 0.1, "verdict": "normal"}
+        ).encode()
+    ]
+    sink.queue.close()

@@ -53,6 +53,9 @@ def test_dcase2020_macs_and_scan_stem_share():
     # 256 patches x 9 taps x 32 channels x (sum h)(sum w) / 4 output positions.
     stem = 256 * 9 * 32 * (32 + 64 + 128 + 256) * (16 + 32 + 64) // 4
     assert stem / macs > 0.45
+    parts = count_macs(model, per_branch=True)
+    assert list(parts) == [name for name, _ in model.named_children()]
+    assert sum(parts.values()) == macs and parts["scanning"] > stem  # the stem is its
 
 
 def test_forward_shapes_and_gradients_tiny():

@@ -444,18 +444,21 @@ def test_service_unit_is_valid_and_uses_real_options(tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
-def test_plot_reads_alarms_and_gaps(tmp_path):
-    def window(i: int, gap: bool = False) -> dict:
-        return {
-            "event": "window",
-            "start": f"2025-01-01T00:00:{i:02d}.000Z",
-            "end": f"2025-01-01T00:00:{i + 1:02d}.000Z",
-            "score": 0.1 * i,
-            "threshold": 0.25,
-            "anomalous": i >= 3,
-            "after_gap": gap,
-        }
+def window_event(i: int, gap: bool = False) -> dict:
+    """The i-th one-second window event of a monitor's events file (anomalous from 3 on)."""
+    return {
+        "event": "window",
+        "start": f"2025-01-01T00:00:{i:02d}.000Z",
+        "end": f"2025-01-01T00:00:{i + 1:02d}.000Z",
+        "score": 0.1 * i,
+        "threshold": 0.25,
+        "anomalous": i >= 3,
+        "after_gap": gap,
+    }
 
+
+def test_plot_reads_alarms_and_gaps(tmp_path):
+    window = window_event
     events = [window(0), window(1), window(2, gap=True), window(3), window(4)]
     events.insert(5, {"event": "alarm", "time": "2025-01-01T00:00:05.000Z"})
     path = tmp_path / "events.jsonl"
@@ -464,3 +467,19 @@ def test_plot_reads_alarms_and_gaps(tmp_path):
     assert tl.gaps == {2}
     assert tl.anomalous == [False, False, False, True, True]
     assert tl.alarms == [(datetime.fromisoformat("2025-01-01T00:00:05+00:00"), None)]  # open
+
+
+def test_plot_leaves_matplotlib_backend_alone(tmp_path):
+    # A library call must not switch the process's backend (an application may embed it).
+    import matplotlib
+
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(window_event(i)) + "\n" for i in range(5)))
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # what the embedding application chose
+    try:
+        out = plot_timeline(path, tmp_path / "timeline.png")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    assert png_size(out) == (1200, 450)

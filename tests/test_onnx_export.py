@@ -18,6 +18,10 @@ from msn_edge.export.parity import ParityError, check_parity, synthetic_windows
 from msn_edge.prototypes import load_scoring
 from msn_edge.runtime.frontend import features
 
+# Every test here reads the shared --int8 export (export_helpers.exported_bundle) or makes
+# the one full-size export of the suite.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):

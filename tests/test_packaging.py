@@ -11,6 +11,7 @@ from __future__ import annotations
 import configparser
 import importlib.metadata
 import itertools
+import json
 import subprocess
 import sys
 import textwrap
@@ -191,3 +192,73 @@ def test_without_an_onnx_runtime_the_cli_says_which_extra_to_install(tmp_path):
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.strip() == f"Error: {ort_install.MISSING}"
     assert "msn-edge[cpu]" in done.stderr and "Traceback" not in done.stderr
+
+
+# The module-level third-party imports of every msn_edge module that `import MODULE` loads.
+IMPORTED_DISTRIBUTIONS = textwrap.dedent(
+    """
+    import ast, importlib, importlib.metadata, json, sys
+    importlib.import_module(sys.argv[1])
+    owners = importlib.metadata.packages_distributions()
+    found = set()
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("msn_edge") or not getattr(module, "__file__", None):
+            continue
+        tree = ast.parse(open(module.__file__).read())
+        # Module level; of a try or an if, the first choice (else/except hold fallbacks).
+        tops = [s for top in tree.body
+                for s in (top.body if isinstance(top, (ast.Try, ast.If)) else [top])]
+        nodes = [n for top in tops if not isinstance(top, (ast.FunctionDef, ast.ClassDef))
+                 for n in ast.walk(top)]
+        for node in nodes:
+            if isinstance(node, ast.Import):
+                tops = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                tops = [node.module.split(".")[0]]
+            else:
+                continue
+            for top in tops:
+                if top != "msn_edge" and top not in sys.stdlib_module_names:
+                    found.update(owners.get(top, [top]))
+    print(json.dumps(sorted(found)))
+    """
+)
+
+
+def _installed_closure(reqs: list[Requirement]) -> set[str]:
+    """The distributions that installing `reqs` brings: them and all they require."""
+    seen: set[str] = set()
+    todo = list(reqs)
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        if name in seen or (req.marker is not None and not req.marker.evaluate({"extra": ""})):
+            continue
+        seen.add(name)
+        try:
+            requires = importlib.metadata.distribution(name).requires or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        todo += [Requirement(r) for r in requires]
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("module", "extras"),
+    [
+        ("msn_edge.export.pack", ("cpu", "export")),  # `msn-edge export` (and its int8, eval)
+        ("msn_edge.runtime.monitor", ("cpu",)),  # the edge box
+    ],
+)
+def test_each_extra_installs_what_its_code_imports(module, extras):
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORTED_DISTRIBUTIONS, module],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    imported = {canonicalize_name(d) for d in json.loads(done.stdout)}
+    declared = _from_setup_cfg()
+    installs = _installed_closure([r for e in (BASE, *extras) for r in declared[e]])
+    assert imported - installs == set(), f"{module} imports them; add them to {extras}"

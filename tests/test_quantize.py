@@ -48,6 +48,7 @@ def _common_checks(model: onnx.ModelProto, target: str) -> None:
     assert (props["precision"], props["int8_target"]) == ("int8", target)
 
 
+@pytest.mark.slow  # reads the shared --int8 export (export_helpers.exported_bundle)
 def test_tensorrt_int8_is_symmetric_int8_throughout(exported):
     model = onnx.load_from_string(exported.member("model.int8.onnx"))
     _common_checks(model, "tensorrt")
@@ -57,6 +58,7 @@ def test_tensorrt_int8_is_symmetric_int8_throughout(exported):
     assert per_channel > 10 and len(activations) > 10
 
 
+@pytest.mark.slow  # reads the shared --int8 export (export_helpers.exported_bundle)
 def test_cpu_int8_has_uint8_activations_with_zero_points(exported):
     model = onnx.load_from_string(exported.member("model.int8-cpu.onnx"))
     _common_checks(model, "cpu")
@@ -70,6 +72,7 @@ def test_cpu_int8_has_uint8_activations_with_zero_points(exported):
 
 
 @pytest.mark.parametrize("variant", ["int8", "int8-cpu"])
+@pytest.mark.slow  # reads the shared --int8 export (export_helpers.exported_bundle)
 def test_int8_is_smaller_and_close_to_fp32(exported, variant):
     bundle = read_bundle(exported.bundle)
     fp32, int8 = bundle.model_bytes("fp32"), bundle.model_bytes(variant)
@@ -84,6 +87,7 @@ def test_int8_is_smaller_and_close_to_fp32(exported, variant):
     assert np.abs(a - b).max() > 1e-5  # it really is a different (quantized) model
 
 
+@pytest.mark.slow  # reads the shared --int8 export (export_helpers.exported_bundle)
 def test_cpu_backend_runs_the_cpu_int8_model(exported):
     bundle = read_bundle(exported.bundle)
     windows = synthetic_windows(bundle.frontend)[:2]
@@ -93,6 +97,7 @@ def test_cpu_backend_runs_the_cpu_int8_model(exported):
         assert np.array_equal(chosen, direct) is same, variant
 
 
+@pytest.mark.slow  # reads the shared --int8 export (export_helpers.exported_bundle)
 def test_export_reports_int8_figures_side_by_side(exported):
     report = exported.manifest()["metadata"]["export"]
     q = report["int8"]
@@ -114,6 +119,7 @@ def test_export_reports_int8_figures_side_by_side(exported):
         assert f"| {row}" in exported.stdout
 
 
+@pytest.mark.slow  # reads the shared --int8 export (export_helpers.exported_bundle)
 def test_calibration_needs_windows(exported):
     run = load_checkpoint(exported.run)
     fp32 = onnx.load_from_string(exported.member("model.onnx"))
@@ -135,6 +141,7 @@ def test_int8_losing_auc_is_marked_not_recommended():
 
 
 @pytest.mark.parametrize("target", ["cpu", "tensorrt"])
+@pytest.mark.slow  # reads the shared --int8 export (export_helpers.exported_bundle)
 def test_calibration_on_a_window_count_no_batch_divides(exported, target):
     # 5 windows: batches of 4 would leave a last batch of 1, which onnxruntime's
     # histogram calibrator cannot stack (a run with 10 training clips failed this way).
@@ -144,3 +151,20 @@ def test_calibration_on_a_window_count_no_batch_divides(exported, target):
     assert len(windows) == 5
     model = quantize_int8(fp32, windows, run.config.frontend, Int8Config(target=target))
     assert {p.key: p.value for p in model.metadata_props}["int8_target"] == target
+
+
+def test_int8_timing_pauses_once_per_model(tmp_path, monkeypatch):
+    # The int8 speed ratio times each model in one run of calls, after one pause for the
+    # previous model's spinning threads: an --int8 export pauses 3 times, not 33 (6.6 s).
+    from toy_bundle import make_toy_bundle
+
+    from msn_edge.export import report
+
+    bundle = read_bundle(make_toy_bundle(tmp_path / "toy.msn"))
+    pauses: list[float] = []
+    monkeypatch.setattr(report.time, "sleep", pauses.append)
+    fe = bundle.frontend
+    models = {"fp32": bundle.model_bytes("fp32"), "again": bundle.model_bytes("fp32")}
+    ms = report.latencies_ms(models, np.zeros(fe.window_samples, np.float32), fe, threads=1)
+    assert set(ms) == set(models) and all(v > 0 for v in ms.values())
+    assert pauses == [report.ORT_THREADS_IDLE_S] * len(models)

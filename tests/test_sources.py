@@ -20,6 +20,7 @@ import pytest
 import soundfile as sf
 from stream_helpers import RATE, counter, pcm16
 
+from msn_edge.runtime import capture
 from msn_edge.runtime.capture import (
     ArecordReader,
     arecord_error,
@@ -419,3 +420,77 @@ def test_portaudio_names_map_like_alsa(name, index):
 def test_portaudio_unknown_name_lists_what_there_is():
     with pytest.raises(DeviceError, match=r"no input named 'hw:0,3' \(it lists: .*'default'\)"):
         portaudio_input(FakeSoundDevice, "hw:0,3")
+
+
+class FakePortAudio(FakeSoundDevice):
+    """sounddevice as PortAudioReader uses it, with PortAudio's rule that the final
+    Pa_Terminate closes every stream the process has open."""
+
+    class PortAudioError(Exception):
+        pass
+
+    def __init__(self, can_restart: bool = True) -> None:
+        self.restarts = 0
+        self.streams: list = []
+        if not can_restart:  # a sounddevice release without the private pair
+            self._terminate = self._initialize = None
+
+    def _terminate(self) -> None:
+        for stream in self.streams:
+            stream.closed = True
+
+    def _initialize(self) -> None:
+        self.restarts += 1
+
+    def check_input_settings(self, device, **settings) -> None:
+        pass
+
+    def RawInputStream(self, **settings):  # noqa: N802 - sounddevice's name
+        sd = self
+
+        class Stream:
+            closed = False
+
+            def start(self) -> None:
+                pass
+
+            def read(self, frames: int):
+                if self.closed:
+                    raise sd.PortAudioError("Stream is closed")
+                return np.arange(frames, dtype="<i2").tobytes(), False
+
+            def abort(self) -> None:
+                pass
+
+            def close(self) -> None:
+                self.closed = True
+
+        self.streams.append(Stream())
+        return self.streams[-1]
+
+
+def test_portaudio_rescans_devices_only_while_no_stream_is_open(monkeypatch):
+    sd = FakePortAudio()
+    monkeypatch.setattr(capture, "_sounddevice", lambda: sd)
+    first = capture.PortAudioReader("hw:1", 16_000)
+    assert sd.restarts == 1  # a device plugged in since the import is found
+    second = capture.PortAudioReader("hw:0,0", 16_000)
+    assert sd.restarts == 1  # restarting PortAudio now would close the first stream
+    np.testing.assert_array_equal(first.read()[:3], [0, 1, 2])
+    np.testing.assert_array_equal(second.read()[:3], [0, 1, 2])
+    first.close()
+    second.close()
+    second.close()  # closing twice counts once
+    third = capture.PortAudioReader("default", 16_000)
+    assert sd.restarts == 2 and third.read().size > 0
+    third.close()
+    assert capture.PORTAUDIO_STREAMS.count == 0
+
+
+def test_portaudio_without_the_restart_functions_still_opens(monkeypatch):
+    sd = FakePortAudio(can_restart=False)
+    monkeypatch.setattr(capture, "_sounddevice", lambda: sd)
+    reader = capture.PortAudioReader("hw:1", 16_000)
+    assert sd.restarts == 0 and reader.read().size > 0
+    reader.close()
+    assert capture.PORTAUDIO_STREAMS.count == 0

@@ -18,11 +18,12 @@ from msn_edge.auxiliary import TRANSFORMS, build_classes, transform_clip
 from msn_edge.checkpoint import (
     CheckpointError,
     load_checkpoint,
+    new_state,
     read_checkpoint,
     save_checkpoint,
 )
 from msn_edge.cli import main
-from msn_edge.config import preset, with_recipe
+from msn_edge.config import preset, training_config, with_recipe
 from msn_edge.datasets import scan
 from msn_edge.model import MSN, count_macs
 from msn_edge.prototypes import load_scoring
@@ -260,13 +261,7 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not a readable msn-edge checkpoint"):
         read_checkpoint(junk)
     cfg = small_config()
-    state = {
-        "config": cfg.to_dict(),
-        "model": MSN(cfg.model).state_dict(),
-        "epoch": 0,
-        "classes": ["a"],
-    }
-    path = save_checkpoint(tmp_path / "x.pt", state)
+    path = save_checkpoint(tmp_path / "x.pt", new_state(cfg, MSN(cfg.model), ["a"]))
     assert load_checkpoint(path).classes == ["a"]
     torch.save({**torch.load(path, weights_only=True), "format": 99}, path)
     with pytest.raises(CheckpointError, match="format 99"):
@@ -385,6 +380,7 @@ def test_cli_refuses_one_class_without_aux(one_class, tmp_path):
     assert "Traceback" not in result.output and not (tmp_path / "r" / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow  # trains in two processes: 10 s idle, 15 s and more on a busy machine
 def test_cli_ctrl_c_keeps_the_last_checkpoint_and_resumes(data, tmp_path):
     run = tmp_path / "run"
     cli = [sys.executable, "-c", "from msn_edge.cli import main; main()"]
@@ -448,3 +444,17 @@ def test_min_steps_grow_the_epochs_but_zero_epochs_stay_untrained(data, tmp_path
     assert untrained.epoch == 0 and untrained.losses == [] and untrained.scoring_fitted
     state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 0
+
+
+def test_training_config_takes_the_preset_or_the_resumed_run(tmp_path):
+    cfg = with_recipe(small_config(epochs=3), "log-speed")
+    save_checkpoint(tmp_path / "checkpoint.pt", new_state(cfg, MSN(cfg.model), ["a", "b"]))
+    # --resume without --preset: the run's own config, with the given settings over it.
+    resumed = training_config(resume_from=tmp_path, epochs=5, seed=None)
+    assert resumed.model == cfg.model and resumed.frontend == cfg.frontend
+    assert resumed.train.epochs == 5 and resumed.train.seed == cfg.train.seed
+    # A named preset wins over the run's; no preset and no run: dcase2020.
+    assert training_config("tiny", resume_from=tmp_path) == preset("tiny")
+    fresh = training_config(recipe="log-speed", batch_size=16)
+    assert fresh.preset == "dcase2020" and fresh.train.batch_size == 16
+    assert fresh.model == with_recipe(preset("dcase2020"), "log-speed").model

@@ -158,6 +158,7 @@ def test_opset_outside_tensorrt_10_range_is_rejected():
     assert problems == ["opset 21: TensorRT 10 parses opsets 9 to 20"]
 
 
+@pytest.mark.slow  # reads the shared --int8 export (export_helpers.exported_bundle)
 def test_our_fp32_and_int8_graphs_pass(tmp_path_factory):
     exported = exported_bundle(tmp_path_factory)
     for member in ("model.onnx", "model.int8.onnx"):

@@ -1,7 +1,7 @@
 """`msn-edge bench`: latency, throughput, memory and cold start of every backend, in one run.
 
-The PyTorch eager baseline (`eager_engine`) lives here rather than in the runtime, which
-never imports torch; torch is imported only inside it, in the baseline's own process.
+A click layer over msn_edge.benchmarks (the benchmarks/ folder), imported when the
+command runs; the PyTorch eager baseline lives there, imported only in its own process.
 """
 
 from __future__ import annotations
@@ -13,43 +13,8 @@ from pathlib import Path
 
 import click
 
-from msn_edge.cli import main
+from msn_edge.cli import common, main
 from msn_edge.cli.common import setup_logging, user_errors
-from msn_edge.runtime.errors import BackendError
-
-
-class EagerEngine:
-    """The training checkpoint's MSN in PyTorch eager mode, with the runtime Engine's API."""
-
-    name = "pytorch-eager"
-    precision = "fp32"
-
-    def __init__(self, model) -> None:
-        self.model = model.eval()
-
-    def embed(self, spec, spectrum):
-        import torch
-        import torch.nn.functional as F
-
-        with torch.inference_mode():
-            emb = self.model(torch.from_numpy(spec), torch.from_numpy(spectrum))
-            return F.normalize(emb, dim=1).numpy()
-
-
-def eager_engine(bundle, case, settings, checkpoint: str) -> EagerEngine:
-    """Bench factory (see runtime.bench.Case): the checkpoint that `bundle` was exported from."""
-    import torch
-
-    from msn_edge.checkpoint import load_checkpoint
-
-    torch.set_num_threads(settings.threads)
-    run = load_checkpoint(checkpoint)
-    if run.config.frontend != bundle.frontend:
-        raise BackendError(
-            f"{checkpoint}: its front-end ({run.config.frontend.window_s:g} s windows) is "
-            f"not the bundle's ({bundle.frontend.window_s:g} s): pass the run it was exported from"
-        )
-    return EagerEngine(run.model)
 
 
 @main.command("bench")
@@ -67,30 +32,20 @@ def eager_engine(bundle, case, settings, checkpoint: str) -> EagerEngine:
 )
 @click.option("--iterations", default=20, show_default=True, help="Timed calls per batch size.")
 @click.option("--warmup", default=3, show_default=True, help="Untimed calls before timing.")
-@click.option(
-    "--threads",
-    default=os.cpu_count() or 1,
-    show_default=True,
-    help="CPU threads for every backend and for the GEMM peak.",
-)
+@common.threads_option(default=os.cpu_count() or 1)
 @click.option(
     "--checkpoint",
     type=click.Path(exists=True, path_type=Path),
     help="Training run the bundle was exported from: adds the PyTorch eager baseline.",
 )
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also write the full report as JSON here.",
-)
+@common.path_option("--json", "json_path", help="Also write the full report as JSON here.")
 @click.option(
     "--profile",
     is_flag=True,
     help="Also print ONNX Runtime's per-op profile of the CPU model(s): by op type and by "
     "node-name prefix.",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@common.verbose_option
 @user_errors
 def bench_command(
     bundle: Path,
@@ -121,53 +76,22 @@ def bench_command(
         msn-edge bench fan.msn --backend ort-cpu --threads 4 --profile
     """
     setup_logging(verbose)
-    from msn_edge.runtime.bench import BenchSettings, run_benchmark, select_cases
+    from msn_edge.benchmarks.cases import BenchSettings
+    from msn_edge.benchmarks.runner import bench_bundle
 
     settings = BenchSettings(iterations=iterations, warmup=warmup, batch=batch, threads=threads)
-    cases = select_cases(backends)
     with _Progress() as progress:
-        report = run_benchmark(
-            bundle, settings, cases=cases, checkpoint=checkpoint, on_step=progress.step
+        run = bench_bundle(
+            bundle,
+            settings,
+            backends=backends,
+            checkpoint=checkpoint,
+            profile=profile,
+            on_step=progress.step,
         )
-        profiles = _profiles(bundle, settings, cases) if profile else []
-    from msn_edge.runtime.bench import format_report
-    from msn_edge.runtime.profile import format_profile
-
-    click.echo(format_report(report))
-    for p in profiles:
-        click.echo(format_profile(p))
+    click.echo(run.markdown(), nl=False)
     if json_path is not None:
-        data = report.to_dict()
-        data["profiles"] = [p.to_dict() for p in profiles]
-        json_path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def _profiles(bundle_path: Path, settings, cases) -> list:
-    """Per-op profiles of the bundle's CPU models that the selected rows use."""
-    from msn_edge.runtime.bench import synthetic_windows
-    from msn_edge.runtime.bundle import read_bundle
-    from msn_edge.runtime.frontend import features
-    from msn_edge.runtime.profile import profile_model
-
-    bundle = read_bundle(bundle_path)
-    fe = bundle.frontend
-    inputs = features(synthetic_windows(fe.window_samples, 1, settings.seed), fe)
-    models = {"fp32": bundle.model_bytes("fp32")}
-    if "int8" in bundle.variants:
-        models["int8"] = bundle.int8_for_cpu()  # the model the ort-cpu-int8 row runs
-    wanted = [c.precision for c in cases if c.backend == "cpu"]
-    return [
-        profile_model(
-            model,
-            inputs,
-            threads=settings.threads,
-            runs=max(1, min(settings.iterations, 10)),
-            warmup=max(1, settings.warmup),
-            label=f"ort-cpu-{p}",
-        )
-        for p, model in models.items()
-        if p in wanted
-    ]
+        json_path.write_text(json.dumps(run.to_dict(), indent=2) + "\n")
 
 
 class _Progress:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from msn_edge.cli import main
+from msn_edge.cli import common, main
 from msn_edge.cli.common import FiniteFloat, user_errors
 from msn_edge.runtime.errors import MsnEdgeError
 from msn_edge.synth import KINDS
@@ -26,27 +26,29 @@ from msn_edge.synth import KINDS
 @click.option(
     "--ids", default=2, show_default=True, type=click.IntRange(1, 100), help="Machine IDs per kind."
 )
-@click.option(
+@common.count_option(
     "--train",
     "n_train",
+    minimum=0,
     default=30,
     show_default=True,
-    type=click.IntRange(0),
     help="Normal training clips per ID.",
 )
-@click.option(
+@common.count_option(
     "--test",
     "n_test",
+    minimum=0,
     default=10,
     show_default=True,
-    type=click.IntRange(0),
     help="Normal test clips per ID, and as many anomalous ones.",
 )
-@click.option(
+@common.seconds_option(
     "--seconds",
+    low=1.0,
+    low_open=False,
+    high=3600.0,
     default=10.0,
     show_default=True,
-    type=FiniteFloat(min=1.0, max=3600.0),
     help="Clip length.",
 )
 @click.option(
@@ -175,11 +177,12 @@ def datasets_command(
     show_default=True,
     help="Seconds of normal running before and after the fault.",
 )
-@click.option(
+@common.seconds_option(
     "--fault-seconds",
+    low_open=False,
+    high=86400,
     default=60.0,
     show_default=True,
-    type=FiniteFloat(min=0, max=86400),
     help="Length of the faulty stretch.",
 )
 @click.option("--fault", default=None, help="Fault name [default: the kind's first].")

@@ -2,48 +2,30 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
 import click
 
-from msn_edge.cli import main
+from msn_edge.cli import common, main
 from msn_edge.cli.common import setup_logging, user_errors
-from msn_edge.runtime.bundle import read_bundle
-from msn_edge.runtime.capture import CAPTURES, open_device
-from msn_edge.runtime.engines import BACKENDS, PRECISIONS, make_engine
-from msn_edge.runtime.enroll import check_output, enroll
-from msn_edge.runtime.enroll_feed import open_feed, source_feed
+from msn_edge.runtime.enroll import enroll_from
 from msn_edge.runtime.enroll_fit import EnrollOptions
 from msn_edge.runtime.history import record_line
 
 
 @main.command("enroll")
 @click.argument("bundle", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--group", required=True, help="The machine (scoring group) to enroll.")
-@click.option(
-    "-o",
-    "--output",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The new bundle (never the input one).",
-)
-@click.option("-d", "--device", metavar="NAME", help="ALSA input to listen to, e.g. hw:1.")
+@common.group_option(required=True)
+@common.path_option("-o", "--output", required=True, help="The new bundle (never the input one).")
+@common.alsa_device_option()
 @click.option("-i", "--input", "input_path", metavar="FILE|DIR|-", help="Recording(s) or stdin.")
-@click.option(
+@common.minutes_option(
     "--minutes",
-    type=click.FloatRange(min=0, min_open=True),
     help="Listen this long (needed with --device; with --input, read at most this much).",
 )
 @click.option("--update", is_flag=True, help="Add to the group's normal instead of replacing it.")
-@click.option(
-    "--hop",
-    "hop_s",
-    type=float,
-    metavar="SECONDS",
-    help="Time between window starts, as you will monitor [default: the window].",
-)
+@common.hop_option
 @click.option(
     "--quantile",
     type=float,
@@ -55,13 +37,13 @@ from msn_edge.runtime.history import record_line
     metavar="N",
     help="Threshold for N anomalous windows a day on normal running, at --hop.",
 )
-@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for inference.")
-@click.option("--capture", type=click.Choice(CAPTURES), default="auto", show_default=True)
+@common.backend_option
+@common.precision_option
+@common.threads_option()
+@common.capture_option
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the audit record as JSON.")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logs.")
+@common.verbose_option
 @user_errors
 def enroll_command(
     bundle: Path,
@@ -106,7 +88,6 @@ def enroll_command(
         raise click.UsageError("give exactly one of --device NAME or --input FILE|DIR|-")
     if device is not None and minutes is None:
         raise click.UsageError("--device needs --minutes: how long to listen")
-    parent = read_bundle(bundle)
     options = EnrollOptions(
         group=group,
         update=update,
@@ -115,19 +96,18 @@ def enroll_command(
         quantile=quantile,
         false_alarms_per_day=false_alarms_per_day,
     )
-    hop = options.hop(parent.frontend)
-    check_output(parent.path, output, force=force)  # before minutes of listening
-    engine = make_engine(parent, backend, precision=precision, threads=threads)  # fp32 default
-    with contextlib.ExitStack() as stack:
-        stack.callback(engine.close)
-        if device is not None:
-            source = stack.enter_context(
-                open_device(device, parent.frontend.sample_rate, capture=capture)
-            )
-            feed = source_feed(source, parent.frontend, hop, max_seconds=options.max_seconds)
-        else:
-            feed = open_feed(input_path, parent.frontend, hop, options.max_seconds)
-        result = enroll(parent, engine, feed, output, options, force=force)
+    result = enroll_from(
+        bundle,
+        output,
+        options,
+        device=device,
+        input_path=input_path,
+        backend=backend,
+        precision=precision,  # fp32 unless asked: the monitor's default
+        threads=threads,
+        capture=capture,
+        force=force,
+    )
     if as_json:
         click.echo(json.dumps(result.record, indent=2))
     else:

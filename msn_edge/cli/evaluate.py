@@ -4,43 +4,38 @@ from __future__ import annotations
 
 import json
 import math
-import zipfile
 from pathlib import Path
 
 import click
 
-from msn_edge.cli import main
-from msn_edge.cli.common import echo_stdout, setup_logging, user_errors
+from msn_edge.cli import common, main
+from msn_edge.cli.common import echo_stdout, given, setup_logging, user_errors
+from msn_edge.runtime.bundle import looks_like_bundle
 from msn_edge.runtime.errors import MsnEdgeError
 
-BUNDLE_SUFFIX = ".msn"
 VERDICT_WORDS = {"normal": "normal", "anomalous": "ANOMALY", "invalid": "INVALID"}
 
 
 @main.command("evaluate")
 @click.argument("run", type=click.Path(exists=True, path_type=Path))
-@click.option(
+@common.path_option(
     "--data",
+    folder=True,
+    exists=True,
     required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Data set root in DCASE layout: <type>/train and <type>/test.",
 )
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Folder for the reports  [default: RUN/eval]",
-)
-@click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda.")
+@common.path_option("--out", folder=True, help="Folder for the reports  [default: RUN/eval]")
+@common.torch_device_option
 @click.option(
     "--refit-scoring",
     is_flag=True,
     help="Fit prototypes and thresholds on DATA's train split instead of using the run's.",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@common.verbose_option
 @user_errors
 def evaluate_command(
-    run: Path, data: Path, out: Path | None, device: str, refit_scoring: bool, verbose: bool
+    run: Path, data: Path, out: Path | None, device: str | None, refit_scoring: bool, verbose: bool
 ) -> None:
     """Score DATA's test clips with RUN and report AUC / pAUC by the DCASE rules.
 
@@ -59,34 +54,21 @@ def evaluate_command(
     from msn_edge.evaluate import EVAL_DIR, evaluate, run_dir_of
 
     out_dir = out or run_dir_of(run) / EVAL_DIR
-    results = evaluate(run, data, out_dir=out_dir, device=device, refit_scoring=refit_scoring)
+    results = evaluate(
+        run, data, out_dir=out_dir, device=device or "cpu", refit_scoring=refit_scoring
+    )
     click.echo(results.to_markdown(), nl=False)
     click.echo(f"wrote scores, decisions, results.md/json and roc.png to {out_dir}", err=True)
-
-
-def is_bundle(path: Path) -> bool:
-    """A bundle is a .msn file, or any zip with a top-level manifest.json (a .pt is a zip too)."""
-    if path.suffix == BUNDLE_SUFFIX:
-        return True
-    if not (path.is_file() and zipfile.is_zipfile(path)):
-        return False
-    try:
-        with zipfile.ZipFile(path) as z:
-            return "manifest.json" in z.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return False  # read_checkpoint / read_bundle then say what is wrong
 
 
 @main.command("score")
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of TSV.")
-@click.option("--group", default=None, help="Scoring group when MODEL has several, e.g. fan/id_00.")
-@click.option(
-    "--backend", default=None, help="Bundle engine: auto, cpu, cuda, ort-tensorrt, tensorrt."
-)
-@click.option("--precision", default=None, help="Bundle model precision: fp32, int8, fp16.")
-@click.option("--device", default=None, help="Torch device for a run, e.g. cuda  [default: cpu]")
+@common.group_option()
+@common.backend_option
+@common.precision_option
+@common.torch_device_option
 @click.option("--downmix", is_flag=True, help="Average multi-channel files to mono.")
 @click.option("--resample", is_flag=True, help="Resample files to the model's sample rate.")
 @click.pass_context
@@ -97,8 +79,8 @@ def score_command(
     files: tuple[Path, ...],
     as_json: bool,
     group: str | None,
-    backend: str | None,
-    precision: str | None,
+    backend: str,
+    precision: str,
     device: str | None,
     downmix: bool,
     resample: bool,
@@ -120,16 +102,14 @@ def score_command(
         msn-edge score fan.msn recordings/*.wav
         msn-edge score runs/fan --json clip.wav
     """
-    if is_bundle(model):
+    if looks_like_bundle(model):
         if device is not None:
             raise click.UsageError("--device is for a run; a bundle takes --backend")
         from msn_edge.runtime.detector import Detector
 
-        scorer = Detector.open(
-            model, backend=backend or "auto", precision=precision or "fp32", group=group
-        )
+        scorer = Detector.open(model, backend=backend, precision=precision, group=group)
     else:
-        if backend is not None or precision is not None:
+        if given(ctx, "backend", "precision"):
             raise click.UsageError(
                 "--backend and --precision are for a bundle; a run takes --device"
             )

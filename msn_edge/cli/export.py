@@ -6,22 +6,16 @@ from pathlib import Path
 
 import click
 
-from msn_edge.cli import main
+from msn_edge.cli import common, main
 from msn_edge.cli.common import setup_logging, user_errors
-
-FORMATS = ("onnx", "engine")  # export.pack.FORMATS; repeated so --help needs no torch
-PRECISIONS = ("fp32", "fp16", "int8")
+from msn_edge.export import FORMATS
+from msn_edge.runtime.engines import PRECISIONS
 
 
 @main.command("export")
 @click.argument("run", type=click.Path(exists=True, path_type=Path))
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Bundle file to write, e.g. fan.msn.",
+@common.path_option(
+    "-o", "--output", "out", required=True, help="Bundle file to write, e.g. fan.msn."
 )
 @click.option(
     "--int8",
@@ -29,12 +23,11 @@ PRECISIONS = ("fp32", "fp16", "int8")
     help="Also static int8 (Q/DQ) models, one for ONNX Runtime CPU and one for TensorRT, "
     "calibrated on the run's normal training clips.",
 )
-@click.option(
+@common.choice_option(
     "--format",
     "fmt",
-    type=click.Choice(FORMATS),
+    choices=FORMATS,
     default="onnx",
-    show_default=True,
     help="engine: also build and cache a TensorRT engine (run this on the target device).",
 )
 @click.option(
@@ -49,13 +42,8 @@ PRECISIONS = ("fp32", "fp16", "int8")
     default=None,
     help="Data set whose test clips give AUC/pAUC of the fp32 (and int8) model.",
 )
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=None,
-    help="ONNX Runtime CPU threads  [default: all cores]",
-)
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@common.threads_option()
+@common.verbose_option
 @user_errors
 def export_command(run, out, int8, fmt, precision, eval_data, threads, verbose) -> None:
     """Export the trained model of RUN (a run folder or checkpoint) to a bundle file.

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import click
 
-from msn_edge.cli import main
-from msn_edge.cli.common import FiniteFloat, setup_logging, user_errors
+from msn_edge.cli import common, main
+from msn_edge.cli.common import FiniteFloat, given, setup_logging, user_errors
 from msn_edge.runtime.assemble import enroll_first_config, open_monitor
-from msn_edge.runtime.capture import CAPTURES, list_input_devices
-from msn_edge.runtime.engines import BACKENDS, PRECISIONS
+from msn_edge.runtime.capture import list_input_devices
 from msn_edge.runtime.errors import MsnEdgeError
 from msn_edge.runtime.events import EventSink
 from msn_edge.runtime.monitor_config import (
@@ -86,14 +85,10 @@ def _config(
     if config_path is not None:
         if devices or inputs:
             raise click.UsageError("--config describes the inputs; drop --device/--input")
-        given = [
-            "--" + o.replace("_s", "").replace("_", "-")
-            for o in STREAM_OPTIONS
-            if ctx.get_parameter_source(o) is not click.core.ParameterSource.DEFAULT
-        ]
-        if given:
+        named = ["--" + o.replace("_s", "").replace("_", "-") for o in given(ctx, *STREAM_OPTIONS)]
+        if named:
             raise click.UsageError(
-                f"with --config, stream settings come from the file; drop {', '.join(given)}"
+                f"with --config, stream settings come from the file; drop {', '.join(named)}"
             )
         config = load_config(config_path)
         if bundle is not None:
@@ -125,14 +120,7 @@ def _config(
 
 @main.command()
 @click.argument("bundle", type=click.Path(dir_okay=False, path_type=Path), required=False)
-@click.option(
-    "-d",
-    "--device",
-    "devices",
-    metavar="NAME",
-    multiple=True,
-    help="ALSA input: hw:1, plughw:1,0, default, or a PCM from an asoundrc. Repeatable.",
-)
+@common.alsa_device_option(multiple=True)
 @click.option(
     "-i",
     "--input",
@@ -141,29 +129,21 @@ def _config(
     multiple=True,
     help="WAV/FLAC file, a FIFO, or - for raw s16le mono on stdin. Repeatable.",
 )
-@click.option(
+@common.path_option(
     "-c",
     "--config",
     "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
     help="TOML file: inputs, streams, batching and outputs (docs/operating.md).",
 )
-@click.option(
+@common.count_option(
     "--channels",
-    type=click.IntRange(min=1),
     default=1,
     show_default=True,
     help="Capture N channels of each --device, one stream per channel.",
 )
 @click.option("--name", help="The stream's name in events [default: from the device or file].")
 @click.option("--realtime", is_flag=True, help="Pace --input FILE like a live microphone.")
-@click.option(
-    "--hop",
-    "hop_s",
-    type=FiniteFloat(min=0, min_open=True),
-    metavar="SECONDS",
-    help="Time between window starts [default: the window; shorter overlaps].",
-)
+@common.hop_option
 @click.option(
     "--alarm-after",
     type=click.IntRange(min=0),
@@ -172,67 +152,34 @@ def _config(
     metavar="K",
     help="Alarm after K anomalous windows in a row (0: no alarms).",
 )
-@click.option(
-    "--events-file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also append every event here, flushed and fsynced per line.",
+@common.path_option(
+    "--events-file", help="Also append every event here, flushed and fsynced per line."
 )
-@click.option(
-    "--max-windows",
-    type=click.IntRange(min=1),
-    metavar="N",
-    help="Stop after N windows (per stream).",
-)
-@click.option(
-    "--duration",
-    type=FiniteFloat(min=0, min_open=True),
-    metavar="SECONDS",
-    help="Stop after this much audio (per stream).",
-)
-@click.option(
-    "--backend",
-    type=click.Choice(BACKENDS),
-    default="auto",
-    show_default=True,
-    help="Inference backend; auto takes the best one available.",
-)
-@click.option(
-    "--precision",
-    type=click.Choice(PRECISIONS),
-    default="fp32",
-    show_default=True,
-    help="Model precision: int8 needs a bundle with an int8 model, fp16 a TensorRT backend.",
-)
+@common.count_option("--max-windows", help="Stop after N windows (per stream).")
+@common.seconds_option("--duration", help="Stop after this much audio (per stream).")
+@common.backend_option
+@common.precision_option
 @click.option(
     "--allow-not-recommended",
     is_flag=True,
     help="Run an int8 model even though the export marked it not recommended (it lost "
     "more than 1 AUC point against fp32).",
 )
-@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for inference.")
+@common.threads_option()
 @click.option(
     "--threshold",
     type=FiniteFloat(min=0, max=2),
     help="Override the bundle's decision threshold (a cosine distance, 0 to 2).",
 )
-@click.option("--group", help="Scoring group (machine type/ID) when the bundle has several.")
-@click.option(
-    "--capture",
-    type=click.Choice(CAPTURES),
-    default="auto",
-    show_default=True,
-    help="How --device is read: arecord (any ALSA name) or PortAudio.",
-)
-@click.option(
+@common.group_option()
+@common.capture_option
+@common.count_option(
     "--max-batch",
-    type=click.IntRange(min=1),
-    metavar="N",
     help=f"Windows per engine call across streams [default: {BatchPolicy.max_batch}].",
 )
-@click.option(
+@common.seconds_option(
     "--max-wait",
-    type=FiniteFloat(min=0),
-    metavar="SECONDS",
+    low_open=False,
     help="Latency budget: longest a ready window waits for others to batch with "
     f"[default: {BatchPolicy.max_wait_s}].",
 )
@@ -242,27 +189,18 @@ def _config(
 @click.option("--mqtt-topic", metavar="PREFIX", help="Topic prefix [default: msn-edge/HOSTNAME].")
 @click.option("--mqtt-client-id", metavar="ID", help="MQTT client id [default: from the prefix].")
 @click.option("--mqtt-username", metavar="USER", help="Broker user name (or in the URL).")
-@click.option(
+@common.path_option(
     "--mqtt-password-file",
-    type=click.Path(dir_okay=False, path_type=Path),
     help="File holding the broker password ($MSN_EDGE_MQTT_PASSWORD also works).",
 )
-@click.option("--mqtt-ca", type=click.Path(dir_okay=False, path_type=Path), help="CA file for TLS.")
-@click.option(
-    "--mqtt-cert", type=click.Path(dir_okay=False, path_type=Path), help="Client certificate (TLS)."
+@common.path_option("--mqtt-ca", help="CA file for TLS.")
+@common.path_option("--mqtt-cert", help="Client certificate (TLS).")
+@common.path_option("--mqtt-key", help="Client key (TLS).")
+@common.path_option(
+    "--mqtt-queue", folder=True, help="Folder of the on-disk queue kept while the broker is away."
 )
-@click.option(
-    "--mqtt-key", type=click.Path(dir_okay=False, path_type=Path), help="Client key (TLS)."
-)
-@click.option(
-    "--mqtt-queue",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Folder of the on-disk queue kept while the broker is away.",
-)
-@click.option(
+@common.count_option(
     "--mqtt-queue-max",
-    type=click.IntRange(min=1),
-    metavar="N",
     help="Events the queue holds; beyond it the oldest are dropped and counted [100000].",
 )
 @click.option(
@@ -276,15 +214,13 @@ def _config(
     metavar="ADDR",
     help="Address the metrics endpoint listens on [default: 0.0.0.0].",
 )
-@click.option(
+@common.minutes_option(
     "--enroll-first",
     "enroll_minutes",
-    type=click.FloatRange(min=0, min_open=True),
-    metavar="MINUTES",
     help="First listen this long to normal running and enroll it as --group into a new "
     "bundle beside BUNDLE (see `msn-edge enroll`), then monitor with that.",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Debug logs.")
+@common.verbose_option
 @click.pass_context
 @user_errors
 def monitor(
@@ -410,13 +346,8 @@ def devices() -> None:
 
 @main.command()
 @click.argument("events", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("timeline.png"),
-    show_default=True,
-    help="PNG to write.",
+@common.path_option(
+    "-o", "--output", default=Path("timeline.png"), show_default=True, help="PNG to write."
 )
 @click.option("--title", help="Plot title [default: file name and counts].")
 @user_errors

@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import click
 
-from msn_edge.cli import main
-from msn_edge.cli.common import setup_logging, user_errors
+from msn_edge.cli import common, main
+from msn_edge.cli.common import given, setup_logging, user_errors
 from msn_edge.config import PRESETS, RECIPES
 
 AUX_CHOICES = ("transforms", "both", "synth", "none")
@@ -22,12 +21,12 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 @click.argument(
     "data", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
 )
-@click.option(
+@common.path_option(
     "-o",
     "--output",
     "run_dir",
+    folder=True,
     required=True,
-    type=click.Path(file_okay=False, path_type=Path),
     help="Run folder: checkpoints, log, prototypes.",
 )
 @click.option(
@@ -36,7 +35,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
     type=click.Choice(list(PRESETS)),
     default="dcase2020",
     show_default=True,
-    help="Model and front-end size.",
+    help="Model and front-end size (with --resume: the run's own unless given).",
 )
 @click.option(
     "--recipe",
@@ -45,20 +44,12 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
     help="How to train: the paper's, or log-speed (log inputs with band levels, speed "
     "classes, no mixup: better on stationary faults)  [default: paper]",
 )
-@click.option(
-    "--epochs", type=click.IntRange(min=1), default=None, help="Epochs  [default: the preset's]"
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=2),
-    default=None,
-    help="Global batch size  [default: the preset's]",
-)
+@common.count_option("--epochs", help="Epochs  [default: the preset's]")
+@common.count_option("--batch-size", minimum=2, help="Global batch size  [default: the preset's]")
 @click.option("--seed", type=int, default=None, help="Random seed  [default: the preset's]")
-@click.option(
+@common.count_option(
     "--workers",
-    type=click.IntRange(min=0),
-    default=None,
+    minimum=0,
     help="DataLoader processes computing the front-end  [default: the preset's]",
 )
 @click.option(
@@ -114,20 +105,18 @@ def train(
         logging.getLogger().setLevel(logging.ERROR)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from msn_edge.checkpoint import read_checkpoint
-    from msn_edge.config import Config, preset, with_recipe
+    from msn_edge.config import training_config
     from msn_edge.training import train as run_training
 
-    preset_given = click.get_current_context().get_parameter_source("preset_name")
-    if resume and preset_given == click.core.ParameterSource.DEFAULT:
-        config = Config.from_dict(read_checkpoint(run_dir)["config"])  # the run's own
-    else:
-        config = preset(preset_name)
-    if recipe:
-        config = with_recipe(config, recipe)
-    overrides = {"epochs": epochs, "batch_size": batch_size, "seed": seed, "num_workers": workers}
-    config = replace(
-        config, train=replace(config.train, **{k: v for k, v in overrides.items() if v is not None})
+    preset_given = given(click.get_current_context(), "preset_name")
+    config = training_config(
+        preset_name if preset_given else None,
+        resume_from=run_dir if resume else None,
+        recipe=recipe,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        num_workers=workers,
     )
     try:
         with logging_redirect_tqdm():  # log lines do not break the progress bar
@@ -194,35 +183,9 @@ def info(bundle: Path | None, preset_name: str | None):
         f"spectrum {fe.spectrum_bins} bins, embedding {config.model.embedding_dim}"
     )
     click.echo(f"{'part':<12} {'params':>12} {'MACs':>16}")
-    macs = _macs_by_branch(model)
+    macs = count_macs(model, per_branch=True)
     for name, module in model.named_children():
         params = sum(p.numel() for p in module.parameters())
         click.echo(f"{name:<12} {params:>12,} {macs[name]:>16,}")
     total = sum(p.numel() for p in model.parameters())
-    click.echo(f"{'total':<12} {total:>12,} {count_macs(model):>16,}")
-
-
-def _macs_by_branch(model) -> dict[str, int]:
-    """count_macs's rule (conv: taps x outputs, linear: inputs x outputs) per top-level part."""
-    import torch
-    from torch import nn
-
-    totals: dict[str, int] = {}
-    handles = []
-    for name, branch in model.named_children():
-        totals[name] = 0
-
-        def hook(module, _inp, out, name=name):
-            if isinstance(module, nn.Conv2d | nn.Conv1d):
-                totals[name] += module.weight[0].numel() * out.numel()
-            elif isinstance(module, nn.Linear):
-                totals[name] += module.in_features * out.numel()
-
-        handles += [m.register_forward_hook(hook) for m in branch.modules()]
-    cfg = model.cfg
-    model.eval()
-    with torch.no_grad():
-        model(torch.zeros(1, cfg.n_freq, cfg.n_frames), torch.zeros(1, cfg.spectrum_bins))
-    for h in handles:
-        h.remove()
-    return totals
+    click.echo(f"{'total':<12} {total:>12,} {sum(macs.values()):>16,}")

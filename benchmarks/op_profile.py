@@ -16,16 +16,16 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
 
-OPT_LEVELS = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
+from msn_edge.runtime.engines import require_onnxruntime
+from msn_edge.runtime.ort_session import session_options
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
 KERNEL_SUFFIX = "_kernel_time"  # ORT's event for a node's compute (fences are separate)
 NO_PATH = "(nodes without a module path)"
 _CALL_SUFFIX = re.compile(r"_\d+$")  # torch.onnx names the k-th call of a module "name_k"
@@ -168,16 +168,14 @@ def _session(
     *,
     keep_weight_shapes: bool = False,
 ) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    if keep_weight_shapes:  # pre-packed weights vanish from the profile's input shapes
-        opts.add_session_config_entry("session.disable_prepacking", "1")
-    opts.enable_profiling = True
-    opts.profile_file_prefix = str(Path(tmp) / "ort_profile")
-    opts.graph_optimization_level = OPT_LEVELS[opt_level]
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model, opts, providers=providers or ["CPUExecutionProvider"])
+    opts = session_options(
+        threads=threads,
+        opt_level=opt_level,
+        profile_prefix=Path(tmp) / "ort_profile",
+        disable_prepacking=keep_weight_shapes,  # pre-packed weights lose their input shapes
+    )
+    providers = providers or ["CPUExecutionProvider"]
+    return require_onnxruntime().InferenceSession(model, opts, providers=providers)
 
 
 def profile_model(
