@@ -223,11 +223,16 @@ def prepare_inputs(
     """The branches' inputs from the front-end's magnitudes (in the graph, so exported).
 
     `input_scale` "log" compresses both magnitudes (a fault 30 dB below a shaft tone is
-    then a visible number, not a rounding error next to it); "linear" is the paper's.
-    The spectrogram then loses its per-frequency mean over time (reference).
+    then a visible number, not a rounding error next to it); "linear" is the paper's;
+    "log-spectrogram" compresses the spectrogram only. The utterance spectrum stays linear
+    there: its 80 000 log bins are mostly noise floor, whose fine structure the spectrum
+    branch learns instead of the machine (MIMII fan: AUC 0.50 with a log spectrum, 1.00
+    with a log spectrogram alone; benchmarks/results-ablation.md).
+    The spectrogram then loses its per-frequency mean over time (reference), if asked.
     """
-    if cfg.input_scale == "log":
+    if cfg.input_scale in ("log", "log-spectrogram"):
         spec = torch.log(spec + LOG_FLOOR)
+    if cfg.input_scale == "log":
         spectrum = torch.log(spectrum + LOG_FLOOR)
     if cfg.center_spectrogram:
         spec = spec - spec.mean(dim=2, keepdim=True)

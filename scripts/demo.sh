@@ -27,7 +27,7 @@ msn-edge evaluate "$out/run" --data "$out/data"
 
 step "4/9 side by side: MSN and the DCASE 2020 autoencoder baseline on the same clips"
 python benchmarks/accuracy.py --data "$out/data" --msn-run "$out/run" --seeds 0 \
-  --recipes paper --systems msn autoencoder --no-int8 --work "$out/accuracy"
+  --recipes logspec-speed --systems msn autoencoder --no-int8 --work "$out/accuracy"
 
 step "5/9 export one bundle file: ONNX with parity check, INT8"
 msn-edge export "$out/run" -o "$out/machine.msn" --int8 --eval-data "$out/data"

@@ -1,12 +1,13 @@
 """MSN as the spec describes it: sizes, box placement, branches, presets."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
-from msn_edge.config import Config, preset
-from msn_edge.model import MSN, box_starts, count_macs
+from msn_edge.config import DEFAULT_RECIPE, Config, preset, with_recipe
+from msn_edge.model import LOG_FLOOR, MSN, box_starts, count_macs, prepare_inputs
 
 
 def test_box_starts_follow_the_spec_formula():
@@ -71,9 +72,10 @@ def test_forward_shapes_and_gradients_tiny():
 
 
 def test_spectrogram_mean_removal_makes_model_offset_invariant():
-    # The spectrogram branch sees spec minus its per-frequency mean over time, so a
-    # constant per-bin offset changes nothing but the spectrum branch's input.
-    cfg = preset("tiny").model
+    # With the paper's inputs the spectrogram branch sees spec minus its per-frequency
+    # mean over time, so a constant per-bin offset changes nothing but the spectrum
+    # branch's input.
+    cfg = with_recipe(preset("tiny"), "paper").model
     model = MSN(cfg).eval()
     spec = torch.rand(2, cfg.n_freq, cfg.n_frames)
     spectrum = torch.rand(2, cfg.spectrum_bins)
@@ -82,6 +84,35 @@ def test_spectrogram_mean_removal_makes_model_offset_invariant():
         torch.testing.assert_close(
             model(spec, spectrum), model(spec + offset, spectrum), rtol=1e-4, atol=1e-4
         )
+
+
+@pytest.mark.parametrize(
+    ("scale", "log_spec", "log_spectrum"),
+    [("linear", False, False), ("log", True, True), ("log-spectrogram", True, False)],
+)
+@pytest.mark.parametrize("center", [False, True])
+def test_prepare_inputs_scales_each_branch_as_configured(scale, log_spec, log_spectrum, center):
+    """What each input_scale does to the two magnitudes, and the centring after it."""
+    cfg = replace(preset("tiny").model, input_scale=scale, center_spectrogram=center)
+    spec = torch.rand(2, 5, 7) + 0.5
+    spectrum = torch.rand(2, 9) + 0.5
+    got_spec, got_spectrum = prepare_inputs(spec, spectrum, cfg)
+    want = torch.log(spec + LOG_FLOOR) if log_spec else spec
+    if center:
+        want = want - want.mean(dim=2, keepdim=True)
+    torch.testing.assert_close(got_spec, want)
+    torch.testing.assert_close(
+        got_spectrum, torch.log(spectrum + LOG_FLOOR) if log_spectrum else spectrum
+    )
+
+
+def test_default_recipe_is_logspec_speed():
+    """The presets train with the recipe measured best across the accuracy sets."""
+    cfg = preset("tiny")
+    assert DEFAULT_RECIPE == "logspec-speed"
+    assert cfg.model.input_scale == "log-spectrogram" and not cfg.model.center_spectrogram
+    assert cfg.train.speed_classes == (0.94, 0.97, 1.03, 1.06) and cfg.train.mixup_prob == 0
+    assert with_recipe(cfg, "paper").model.input_scale == "linear"
 
 
 def test_config_round_trips_through_json():

@@ -386,7 +386,8 @@ def test_cli_refuses_one_class_without_aux(one_class, tmp_path):
 def test_cli_ctrl_c_keeps_the_last_checkpoint_and_resumes(data, tmp_path):
     run = tmp_path / "run"
     cli = [sys.executable, "-c", "from msn_edge.cli import main; main()"]
-    base = ["train", str(data), "-o", str(run), "--preset", "tiny", "--no-progress"]
+    base = ["train", str(data), "-o", str(run), "--preset", "tiny", "--recipe", "paper"]
+    base += ["--no-progress"]  # the paper's recipe: epochs count exactly (no min_steps)
     proc = subprocess.Popen(
         [*cli, *base, "--epochs", "1000", "--batch-size", "24"],
         stdout=subprocess.PIPE,

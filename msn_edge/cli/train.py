@@ -11,7 +11,7 @@ import click
 
 from msn_edge.cli import common, main
 from msn_edge.cli.common import given, setup_logging, user_errors
-from msn_edge.config import PRESETS, RECIPES
+from msn_edge.config import DEFAULT_RECIPE, PRESETS, RECIPES
 
 AUX_CHOICES = ("transforms", "both", "synth", "none")
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
@@ -41,8 +41,9 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
     "--recipe",
     type=click.Choice(list(RECIPES)),
     default=None,
-    help="How to train: the paper's, or log-speed (log inputs with band levels, speed "
-    "classes, no mixup: better on stationary faults)  [default: paper]",
+    help="How to train (msn_edge.config.RECIPES): logspec-speed (log spectrogram with band "
+    "levels, each class also at 4 speeds, no mixup), log-speed (the same with a log "
+    f"spectrum too) or paper  [default: {DEFAULT_RECIPE}]",
 )
 @common.count_option("--epochs", help="Epochs  [default: the preset's]")
 @common.count_option("--batch-size", minimum=2, help="Global batch size  [default: the preset's]")
