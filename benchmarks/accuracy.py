@@ -318,8 +318,10 @@ def main(argv: list[str] | None = None) -> int:
         for item in args.report_from:
             path, _, label = str(item).partition(":")
             saved = json.loads(Path(path).read_text())
+            recipes = [label] if label else saved["meta"].get("recipes", [])
             meta = {
                 **saved["meta"],
+                "recipes": list(dict.fromkeys([*meta.get("recipes", []), *recipes])),
                 "skipped": {**meta.get("skipped", {}), **saved["meta"]["skipped"]},
             }
             for name, outcomes in saved["results"].items():

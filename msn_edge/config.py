@@ -13,6 +13,7 @@ from msn_edge.runtime.frontend import FrontendConfig
 from msn_edge.runtime.prototypes import CALIBRATION_FRACTION, N_CLUSTERS, THRESHOLD_QUANTILE
 
 INPUT_SCALES = ("linear", "log", "log-spectrogram")
+LOSSES = ("sub-cluster-adacos", "adaproj")  # classification heads, msn_edge.loss
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,9 @@ class TrainConfig:
     epochs: int = 100  # paper
     batch_size: int = 64  # paper
     lr: float = 1e-3  # paper, Adam
+    # Classification head (msn_edge.loss): the paper's Sub-cluster AdaCos, or AdaProj's
+    # class subspaces; `sub_clusters` is then each subspace's dimension.
+    loss: str = "sub-cluster-adacos"
     sub_clusters: int = 16  # Sub-cluster AdaCos weight vectors per class
     mixup_alpha: float = 0.2  # lambda ~ Beta(alpha, alpha)
     mixup_prob: float = 0.5  # share of clips mixed with a random partner; the rest smoothed
@@ -120,6 +124,8 @@ class Config:
             raise ValueError("a scanning box is larger than the spectrogram")
         if m.input_scale not in INPUT_SCALES:
             raise ValueError(f"input_scale must be one of {INPUT_SCALES}, not {m.input_scale!r}")
+        if self.train.loss not in LOSSES:
+            raise ValueError(f"train.loss must be one of {LOSSES}, not {self.train.loss!r}")
         if any(not 0.5 <= f <= 2.0 or f == 1.0 for f in self.train.speed_classes):
             raise ValueError("speed classes must lie in [0.5, 2] and differ from 1")
 
@@ -168,6 +174,7 @@ RECIPES: dict[str, dict[str, dict]] = {
     "paper": {
         "model": {"input_scale": "linear", "center_spectrogram": True},
         "train": {
+            "loss": "sub-cluster-adacos",
             "speed_classes": (),
             "mixup_prob": 0.5,
             "feature_exchange": False,
@@ -186,6 +193,13 @@ RECIPES: dict[str, dict[str, dict]] = {
     "logspec-speed": {
         "model": {"input_scale": "log-spectrogram", "center_spectrogram": False},
         "train": _SPEED_TRAINING,
+    },
+    # As logspec-speed, with AdaProj's class subspaces instead of Sub-cluster AdaCos'
+    # points (msn_edge.loss): clips may spread inside their class, so the embedding keeps
+    # the detail that faults change. Twice the steps: a subspace takes longer to settle.
+    "logspec-adaproj": {
+        "model": {"input_scale": "log-spectrogram", "center_spectrogram": False},
+        "train": {**_SPEED_TRAINING, "loss": "adaproj", "min_steps": 240},
     },
 }
 DEFAULT_RECIPE = "logspec-speed"

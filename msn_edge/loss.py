@@ -1,4 +1,5 @@
-"""Sub-cluster AdaCos (spec §3): the classification loss MSN learns its embedding with.
+"""Sub-cluster AdaCos (spec §3), the classification loss MSN learns its embedding with, and
+AdaProj, its subspace variant.
 
 Each class owns `sub_clusters` unit weight vectors; a clip's class probability is the sum
 of the softmax outputs of that class's sub-clusters, and the loss is the cross-entropy
@@ -19,6 +20,14 @@ Under DistributedDataParallel every rank's new scale is averaged, so all ranks a
 With a single class the class probability is identically 1: the loss is 0 and its
 gradient is 0 whatever the network does. That is why training adds auxiliary classes
 when a data set has fewer than two (msn_edge.auxiliary).
+
+AdaProj (Wilkinghoff, "AdaProj: adaptively scaled angular margin subspace projections for
+anomalous sound detection with auxiliary classification tasks", 2024) gives each class a
+K-dimensional subspace instead of K points: a clip's similarity to a class is the cosine
+between its embedding and the embedding's projection onto that subspace. Clips of a class
+may then spread inside the subspace at no cost, so the embedding keeps within-class
+detail that the scoring needs instead of collapsing each class to a point (issue 9;
+benchmarks/results-ablation.md). Same softmax, soft targets and AdaCos scale rule.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ class SubClusterAdaCos(nn.Module):
             )
         self.n_classes = n_classes
         self.sub_clusters = sub_clusters
+        self.per_class = sub_clusters  # similarities per class that `cosines` returns
         self.weight = nn.Parameter(torch.empty(n_classes * sub_clusters, embedding_dim))
         nn.init.xavier_uniform_(self.weight)
         # A buffer: saved in the state dict, broadcast by DDP, never touched by Adam.
@@ -63,7 +73,7 @@ class SubClusterAdaCos(nn.Module):
     def log_probs(self, cos: torch.Tensor) -> torch.Tensor:
         """log P(class) = log of the summed softmax outputs of its sub-clusters: (B, C)."""
         logits = self.scale * cos
-        per_class = logits.view(-1, self.n_classes, self.sub_clusters).logsumexp(dim=2)
+        per_class = logits.view(-1, self.n_classes, self.per_class).logsumexp(dim=2)
         return per_class - logits.logsumexp(dim=1, keepdim=True)
 
     def forward(self, emb: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -76,7 +86,7 @@ class SubClusterAdaCos(nn.Module):
     @torch.no_grad()
     def update_scale(self, cos: torch.Tensor, target: torch.Tensor) -> None:
         """The AdaCos rule on this batch (see the module docstring for soft targets)."""
-        k = self.sub_clusters
+        k = self.per_class
         non_target = (1.0 - target).clamp_min(0).repeat_interleave(k, dim=1)  # (B, C·K)
         # ln B_i = logsumexp_j(s·cos_ij + ln w_ij): exact for any s, no overflow.
         log_b = (self.scale * cos + non_target.log()).logsumexp(dim=1)  # (B,)
@@ -91,3 +101,37 @@ class SubClusterAdaCos(nn.Module):
         # ln B_avg ≤ 0 when no class is left to push away (one class): keep the scale.
         if torch.isfinite(new) and new > 0:
             self.scale.copy_(new)
+
+
+class AdaProj(SubClusterAdaCos):
+    """Cosine classifier with a `subspace_dim`-dimensional subspace per class (AdaProj).
+
+    The weight holds each class's spanning vectors, orthonormalised on every call (QR), so
+    Adam moves them freely. `cosines` returns one similarity per class: (B, C).
+    """
+
+    def __init__(self, embedding_dim: int, n_classes: int, subspace_dim: int):
+        if subspace_dim > embedding_dim:
+            raise ValueError(
+                f"a class subspace of {subspace_dim} dimensions does not fit a "
+                f"{embedding_dim}-d embedding"
+            )
+        super().__init__(embedding_dim, n_classes, subspace_dim)
+        self.per_class = 1
+        self.scale.fill_(initial_scale(n_classes, 1))
+
+    def cosines(self, emb: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(emb.float(), dim=1)
+        spans = self.weight.view(self.n_classes, self.sub_clusters, -1).transpose(1, 2)
+        basis, _ = torch.linalg.qr(spans)  # (C, D, K), orthonormal columns
+        coords = torch.einsum("bd,cdk->bck", x, basis)
+        # |projection| of a unit vector; the epsilon keeps the gradient finite at 0.
+        return (coords.square().sum(dim=2) + _COS_EPS**2).sqrt().clamp(max=1.0)
+
+
+def loss_head(name: str, embedding_dim: int, n_classes: int, k: int) -> SubClusterAdaCos:
+    """The classification head `TrainConfig.loss` names; k: sub-clusters or subspace size."""
+    heads = {"sub-cluster-adacos": SubClusterAdaCos, "adaproj": AdaProj}  # config.LOSSES
+    if name not in heads:
+        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(heads)}")
+    return heads[name](embedding_dim, n_classes, k)

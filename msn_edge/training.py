@@ -55,7 +55,7 @@ from msn_edge.devices import (
     training_device,
 )
 from msn_edge.interrupts import signals_deferred, sigterm_as_interrupt
-from msn_edge.loss import SubClusterAdaCos
+from msn_edge.loss import SubClusterAdaCos, loss_head
 from msn_edge.model import MSN
 from msn_edge.runtime.errors import DatasetError, MsnEdgeError
 from msn_edge.train_data import MixupSet, load_waves, training_clips
@@ -321,7 +321,9 @@ class _Run:
         torch.manual_seed(tc.seed)  # the same initial weights on every rank
         self.msn = MSN(self.config.model)
         head_classes = 2 * n_classes if tc.feature_exchange else n_classes
-        self.head = SubClusterAdaCos(self.config.model.embedding_dim, head_classes, tc.sub_clusters)
+        self.head = loss_head(
+            tc.loss, self.config.model.embedding_dim, head_classes, tc.sub_clusters
+        )
         net = Classifier(self.msn, self.head, tc.feature_exchange).to(self.dev)
         self.optimizer = torch.optim.Adam(net.parameters(), lr=tc.lr)
         self.model = (

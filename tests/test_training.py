@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -461,3 +462,21 @@ def test_training_config_takes_the_preset_or_the_resumed_run(tmp_path):
     fresh = training_config(recipe="log-speed", batch_size=16)
     assert fresh.preset == "dcase2020" and fresh.train.batch_size == 16
     assert fresh.model == with_recipe(preset("dcase2020"), "log-speed").model
+
+
+def test_adaproj_trains_records_its_loss_and_resumes_exactly(data, tmp_path):
+    """The logspec-adaproj recipe's head (class subspaces): checkpointed with the run's
+    config, resumed bit for bit, and never silently swapped for the paper's head."""
+    cfg = small_config(epochs=2, loss="adaproj", sub_clusters=4)
+    whole = train([data], tmp_path / "whole", cfg, progress=False, fit_scoring=False)
+    assert whole.losses[-1] < whole.losses[0]
+    state = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    assert state["config"]["train"]["loss"] == "adaproj"
+    assert state["head"]["weight"].shape[0] == len(whole.classes) * 4
+    run = tmp_path / "run"
+    train([data], run, replace(cfg, train=replace(cfg.train, epochs=1)), progress=False)
+    with pytest.raises(CheckpointError, match=r"config differs \(train.loss\)"):
+        train([data], run, small_config(epochs=2, sub_clusters=4), resume=True, progress=False)
+    rest = train([data], run, cfg, resume=True, progress=False, fit_scoring=False)
+    assert rest.losses[0] == pytest.approx(whole.losses[1])
+    assert _same(_weights(rest), _weights(whole))

@@ -42,8 +42,9 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
     type=click.Choice(list(RECIPES)),
     default=None,
     help="How to train (msn_edge.config.RECIPES): logspec-speed (log spectrogram with band "
-    "levels, each class also at 4 speeds, no mixup), log-speed (the same with a log "
-    f"spectrum too) or paper  [default: {DEFAULT_RECIPE}]",
+    "levels, each class also at 4 speeds, no mixup), logspec-adaproj (the same with the "
+    "AdaProj loss), log-speed (log spectrum too) or paper  "
+    f"[default: {DEFAULT_RECIPE}]",
 )
 @common.count_option("--epochs", help="Epochs  [default: the preset's]")
 @common.count_option("--batch-size", minimum=2, help="Global batch size  [default: the preset's]")
