@@ -60,6 +60,7 @@ class Opened:
 
     engines: dict[tuple, SharedEngine] | None = None
     sources: dict[str, Source] = field(default_factory=dict)
+    positions: dict[str, int] = field(default_factory=dict)  # samples already read, by input
 
 
 def enroll_first_config(
@@ -69,13 +70,16 @@ def enroll_first_config(
     *,
     stop_on_signals: Callable[[Callable[[], None]], contextlib.AbstractContextManager],
     out: Path | None = None,
+    tick: Callable[[], None] | None = None,
 ) -> tuple[MonitorConfig, Opened, EnrollResult]:
     """`monitor --enroll-first`: listen to the one stream's input for `minutes`, enroll it
     as the stream's group into a new bundle beside the old one, and hand back the config
     on the new bundle with the engine and the still-open source: monitoring goes on with
     the audio that follows the enrolled minutes, on the same engine (the models are the same).
 
-    `stop_on_signals(stop)`: a context in which SIGINT/SIGTERM call `stop` (the CLI's).
+    `stop_on_signals(stop)`: a context in which SIGINT/SIGTERM call `stop` (the CLI's);
+    `tick`: called while listening (the watchdog ping). The monitored windows go on
+    counting the input's time from where the enrolled minutes ended.
     """
     if len(config.streams) != 1:
         raise MsnEdgeError(
@@ -94,19 +98,20 @@ def enroll_first_config(
         open_source(config.inputs[spec.input], bundle.frontend.sample_rate)
     )
     with stop_on_signals(source.stop):
-        _, result = enroll_first(
+        result, consumed = enroll_first(
             Detector(bundle, engine),  # the new machine is no group of the bundle yet
             source,
             minutes,
             group=spec.group,
             hop_s=spec.hop_s,
-            threshold=spec.threshold,
             out=out,
+            tick=tick,
         )
     enrolled = replace(spec, bundle=result.path)
     opened = Opened(
         engines={enrolled.engine_key: SharedEngine(result.bundle, engine)},
         sources={spec.input: source},
+        positions={spec.input: consumed},
     )
     return replace(config, streams=[enrolled]), opened, result
 
@@ -139,6 +144,7 @@ def open_monitor(
             alarm_after=spec.alarm_after or None,
             max_windows=max_windows,
             max_seconds=max_seconds,
+            start=opened.positions.get(spec.input, 0),
         )
         streams[spec.input].append((spec.channel, stream))
         log.info(

@@ -17,6 +17,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -312,21 +313,29 @@ def enroll_first(
     *,
     group: str,
     hop_s: float | None = None,
-    threshold: float | None = None,
     out: Path | None = None,
-) -> tuple[Detector, EnrollResult]:
-    """`monitor --enroll-first`: listen to `source` for `minutes`, enroll, and hand back a
-    detector on the new bundle (beside the old one) that shares the old one's engine."""
+    tick: Callable[[], None] | None = None,
+) -> tuple[EnrollResult, int]:
+    """`monitor --enroll-first`: listen to `source` for `minutes` and enroll the new bundle
+    (beside the old one). Returns it and how many samples of `source` it took: monitoring
+    picks up there, with the rest of the last chunk (given back to `source`).
+
+    `tick` is called after every chunk read (the watchdog ping: enrolling takes minutes).
+    """
     parent = detector.bundle
     out = out or enrolled_path(parent.path, group)
     options = EnrollOptions(group=group, hop_s=hop_s, max_seconds=60.0 * minutes)
     check_output(parent.path, out)
     feed = source_feed(
-        source, parent.frontend, options.hop(parent.frontend), max_seconds=options.max_seconds
+        source,
+        parent.frontend,
+        options.hop(parent.frontend),
+        max_seconds=options.max_seconds,
+        tick=tick,
     )
     log.info("listening to %s for %g min to enroll '%s'", source.name, minutes, group)
     result = enroll(parent, detector.engine, feed, out, options, require_seconds=60.0 * minutes)
-    return Detector(result.bundle, detector.engine, group=group, threshold=threshold), result
+    return result, feed.stats.samples
 
 
 def enroll_from(

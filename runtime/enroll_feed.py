@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from msn_edge.runtime.errors import AudioError, MsnEdgeError
 from msn_edge.runtime.events import input_level
 from msn_edge.runtime.frontend import FrontendConfig, features, fit_window, pcm_to_float
 from msn_edge.runtime.prototypes import unit_rows
-from msn_edge.runtime.sources import RawPcmSource, Source
+from msn_edge.runtime.sources import Chunk, RawPcmSource, Source
 from msn_edge.runtime.windower import Windower
 
 log = logging.getLogger(__name__)
@@ -114,12 +114,19 @@ def file_feed(
 
 
 def source_feed(
-    source: Source, frontend: FrontendConfig, hop: int, *, max_seconds: float | None = None
+    source: Source,
+    frontend: FrontendConfig,
+    hop: int,
+    *,
+    max_seconds: float | None = None,
+    tick: Callable[[], None] | None = None,
 ) -> Feed:
     """Windows of a stream (stdin, a device) until it ends, is stopped, or `max_seconds`.
 
     A break in the stream (an overrun, a device that came back) starts a new segment, as
-    in the monitor: no window straddles a gap.
+    in the monitor: no window straddles a gap. The audio of the last chunk beyond
+    `max_seconds` goes back to the source (`Source.unread`), for whoever reads on.
+    `tick` is called after every chunk (`monitor --enroll-first`: the watchdog ping).
     """
     stats = FeedStats()
     rate = frontend.sample_rate
@@ -132,12 +139,15 @@ def source_feed(
         segment = 0
         while budget is None or windower.position < budget:
             chunk = source.read()
+            if tick is not None:
+                tick()
             if chunk is None:
                 stats.ended, stats.stopped = True, source.stopped
                 return
             samples = chunk.samples
-            if budget is not None:
+            if budget is not None and len(samples) > budget - windower.position:
                 samples = samples[: budget - windower.position]
+                source.unread(Chunk(chunk.samples[len(samples) :]))
             if chunk.resumed:
                 windower.reset()
                 segment += 1

@@ -26,6 +26,9 @@ class Notifier:
         self._sock: socket.socket | None = None
         if address:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            # Never wait on systemd: a full socket queue drops a message (the next ping
+            # follows within half a period), it does not stall the monitor's loop.
+            self._sock.setblocking(False)
             if address.startswith("@"):  # an abstract socket
                 self._target = "\0" + address[1:]
             else:
@@ -45,7 +48,7 @@ class Notifier:
             return
         try:
             self._sock.sendto(message.encode(), self._target)
-        except OSError as e:  # systemd went away: nothing to tell
+        except OSError as e:  # systemd went away or is behind: nothing to tell now
             log.debug("sd_notify %s: %s", message, e)
 
     def ready(self, status: str = "") -> None:

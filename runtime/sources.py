@@ -52,7 +52,10 @@ class SourceStats:
 
 
 class Source:
-    """A stream of mono chunks; `read()` returns None at its end or after `stop()`."""
+    """A stream of mono chunks; `read()` returns None at its end or after `stop()`.
+
+    Subclasses implement `_read()`; `read()` first hands back a chunk given to `unread()`.
+    """
 
     channels = 1  # a multi-channel source gives chunks of (n, channels) frames
 
@@ -62,6 +65,7 @@ class Source:
         self.stats = SourceStats()
         self._stats_lock = threading.Lock()  # a capture thread updates stats
         self._stopping = False
+        self._unread: Chunk | None = None
 
     def snapshot(self) -> SourceStats:
         """A consistent copy of the counters, safe to take from any thread."""
@@ -69,7 +73,23 @@ class Source:
             return replace(self.stats)
 
     def read(self) -> Chunk | None:
+        if self._unread is not None and not self._stopping:
+            chunk, self._unread = self._unread, None
+            return chunk
+        return self._read()
+
+    def _read(self) -> Chunk | None:
         raise NotImplementedError
+
+    def unread(self, chunk: Chunk) -> None:
+        """Give back the unused end of the last chunk: the next `read()` returns it.
+
+        `monitor --enroll-first` enrolls an exact number of seconds; the rest of the chunk
+        that ends them is the first audio monitored, not lost between the two.
+        """
+        if self._unread is not None:
+            raise RuntimeError(f"{self.name}: one chunk at most can be given back")
+        self._unread = chunk
 
     def stop(self) -> None:
         """Make `read()` return None soon. Only sets a flag: safe in a signal handler."""
@@ -114,7 +134,7 @@ class FileSource(Source):
             )
         self._chunk = chunk_samples(sample_rate)
 
-    def read(self) -> Chunk | None:
+    def _read(self) -> Chunk | None:
         if self._stopping:
             return None
         data = self._file.read(self._chunk)
@@ -150,7 +170,7 @@ class RawPcmSource(Source):
                 )
         self._nbytes = self._format.width * chunk_samples(sample_rate)
 
-    def read(self) -> Chunk | None:
+    def _read(self) -> Chunk | None:
         width = self._format.width
         while not self._stopping:
             want = max(self._nbytes - len(self._carry), width)  # chunks stay CHUNK_S long
@@ -243,7 +263,7 @@ class LiveSource(Source):
         self._thread = threading.Thread(target=self._capture, name=f"capture {name}", daemon=True)
         self._thread.start()
 
-    def read(self) -> Chunk | None:
+    def _read(self) -> Chunk | None:
         while not self._stopping:
             try:
                 item = self._queue.get(timeout=POLL_S)

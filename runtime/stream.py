@@ -114,16 +114,20 @@ class Stream:
         alarm_after: int | None = None,
         max_windows: int | None = None,
         max_seconds: float | None = None,
+        start: int = 0,
     ) -> None:
+        """`start`: samples of the input read before this stream began (`--enroll-first`);
+        window times count from the input's start, `max_seconds` from the stream's."""
         fe = engine.frontend
         self.name = name
         self.engine = engine
         self.scorer = scorer
-        self.windower = Windower(fe.window_samples, hop_samples(fe, hop_s))
+        self.start = start
+        self.windower = Windower(fe.window_samples, hop_samples(fe, hop_s), start=start)
         self.alarm = AlarmState(alarm_after) if alarm_after else None
         self.clock = StreamClock(fe.sample_rate)
         self.max_windows = max_windows
-        self.budget = None if max_seconds is None else int(round(max_seconds * fe.sample_rate))
+        self.budget = None if max_seconds is None else start + round(max_seconds * fe.sample_rate)
         self.summary = Summary()
         self.ended = False  # its input ended, or a bound was reached
         self._reported = SourceStats()  # input counters as of the previous window event
@@ -159,7 +163,7 @@ class Stream:
             return []
         if self.budget is not None:
             samples = samples[: self.budget - self.windower.position]
-        if resumed or self.windower.position == 0:
+        if resumed or self.windower.position == self.start:
             if resumed:
                 self.summary.discarded_samples += self.windower.reset()
                 self._after_gap = True
@@ -220,7 +224,7 @@ class Stream:
             )
         s.discarded_samples += self.windower.pending
         self.windower.reset()
-        s.audio_s = self.windower.position / self.sample_rate
+        s.audio_s = (self.windower.position - self.start) / self.sample_rate
         s.wall_s = wall_s
         stats = self._stats
         s.overruns, s.dropped_samples, s.reconnects = (

@@ -30,7 +30,8 @@ class Windower:
     than the window would skip audio, which the monitor never wants, so it is an error.
     """
 
-    def __init__(self, size: int, hop: int) -> None:
+    def __init__(self, size: int, hop: int, start: int = 0) -> None:
+        """`start`: the stream position of the first sample pushed (0: the stream's start)."""
         if size <= 0:
             raise ValueError(f"window size must be positive, got {size}")
         if not 0 < hop <= size:
@@ -38,11 +39,11 @@ class Windower:
         self.size = size
         self.hop = hop
         self._buf = np.zeros(size, dtype=np.float32)
-        self.position = 0  # samples pushed since creation (never reset)
+        self.position = start  # stream position: start + samples pushed (never reset)
         self.windows = 0  # windows emitted since creation (never reset)
         self._fill = 0  # valid samples at the front of _buf
         self._fresh = 0  # of those, samples not yet in any emitted window
-        self._start = 0  # stream position of _buf[0]
+        self._start = start  # stream position of _buf[0]
 
     def reset(self) -> int:
         """Start the next window at the current position (after a gap in the audio).

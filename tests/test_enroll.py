@@ -7,10 +7,13 @@ here from the engine's embeddings of the same windows, with the runtime's k-mean
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import socket
 import subprocess
 import sys
+import threading
 import zipfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -509,6 +512,75 @@ def test_monitor_enroll_first_listens_enrolls_then_monitors(toy, tmp_path):
     assert record["source"] == str(rec) and record["seconds"] == 30.0
 
 
+def test_source_feed_gives_back_the_audio_past_its_seconds_and_ticks_per_chunk():
+    """The chunk that ends the enrolled seconds is split: its rest is read next, by
+    whoever reads on (the monitor after --enroll-first), so no audio falls between."""
+    audio = pcm(windows_of(4, seed=1))
+    source = Chunks([Chunk(c) for c in np.split(audio, 8)])  # 0.5 s chunks
+    ticks = []
+    feed = source_feed(source, FE, RATE, max_seconds=2.2, tick=lambda: ticks.append(1))
+    assert [w.start for w in feed.windows] == [0, RATE]
+    assert feed.stats.samples == 35_200 and not feed.stats.ended
+    assert len(ticks) == 5  # one per chunk read
+    rest = source.read()
+    np.testing.assert_array_equal(rest.samples, audio[35_200:40_000])
+    assert not rest.resumed
+    np.testing.assert_array_equal(source.read().samples, audio[40_000:48_000])
+
+
+def test_monitor_enroll_first_monitors_from_where_enrolling_ended(toy, tmp_path):
+    """30.15 s enrolled (not a whole number of 0.1 s chunks): the first monitored window
+    starts at 30.15 s of the input, and its times count from the input's start."""
+    rec = write_wav(tmp_path / "m.wav", windows_of(35, seed=13, f0=90.0))
+    bundle = tmp_path / "fan.msn"
+    bundle.write_bytes(toy.read_bytes())
+    code, stdout, err = run(
+        "monitor", bundle, "--input", rec, "--group", "m", "--enroll-first", "0.5025"
+    )  # fmt: skip
+    assert code == 0, err
+    events = [json.loads(x) for x in stdout.splitlines()]
+    windows = [e for e in events if e["event"] == "window"]
+    assert [round(e["start_s"], 4) for e in windows] == [30.15, 31.15, 32.15, 33.15]
+    assert [e["index"] for e in windows] == [0, 1, 2, 3]
+
+
+def test_monitor_enroll_first_pings_the_watchdog_while_it_listens(toy, tmp_path):
+    """Enrolling takes minutes; under systemd's WatchdogSec the monitor must not look hung."""
+    rec = write_wav(tmp_path / "m.wav", windows_of(32, seed=13, f0=90.0))
+    bundle = tmp_path / "fan.msn"
+    bundle.write_bytes(toy.read_bytes())
+    path = str(tmp_path / "notify.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    server.settimeout(0.5)
+    messages: list[str] = []
+    done = threading.Event()
+
+    def drain() -> None:  # as systemd does, while the monitor runs
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                messages.append(server.recv(4096).decode())
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        r = CliRunner(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2"}).invoke(
+            main, ["monitor", str(bundle), "--input", str(rec), "--group", "m",
+                   "--enroll-first", "0.5"],
+        )  # fmt: skip
+        assert r.exit_code == 0, r.stderr
+    finally:
+        done.set()
+        reader.join()
+        server.close()
+    assert messages[0] == "READY=1\nSTATUS=enrolling m for 0.5 min"
+    monitoring = messages.index("READY=1\nSTATUS=monitoring 1 stream(s)")
+    # A ping may go every 1 us here: one per 0.1 s chunk of the 30 s enrolled (the
+    # non-blocking sender drops one only if this reader falls 10+ messages behind).
+    assert messages[1:monitoring].count("WATCHDOG=1") >= 150
+    assert set(messages[1:monitoring]) == {"WATCHDOG=1"}
+
+
 def test_monitor_enroll_first_fails_cleanly(toy, tmp_path):
     rec = write_wav(tmp_path / "short.wav", windows_of(20, seed=1))
     code, out, err = run("monitor", toy, "--input", rec, "--group", "g", "--enroll-first", "1")
@@ -556,7 +628,7 @@ class Chunks(Source):
         super().__init__("chunks", RATE)
         self._chunks, self._reads, self._stop_after = list(chunks), 0, stop_after
 
-    def read(self) -> Chunk | None:
+    def _read(self) -> Chunk | None:
         self._reads += 1
         if self._reads == self._stop_after:
             self.stop()  # as the SIGINT handler does

@@ -49,7 +49,7 @@ class Chunks(Source):
         super().__init__("chunks", RATE)
         self._chunks = list(chunks)
 
-    def read(self) -> Chunk | None:
+    def _read(self) -> Chunk | None:
         return self._chunks.pop(0) if self._chunks and not self._stopping else None
 
 

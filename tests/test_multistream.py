@@ -228,7 +228,7 @@ def test_a_gap_restarts_the_alarm_run():
     chunks = [Chunk(loud), Chunk(loud), Chunk(loud, resumed=True), Chunk(loud), Chunk(loud)]
 
     class Chunks(Source):
-        def read(self):
+        def _read(self):
             return chunks.pop(0) if chunks else None
 
     stream = Stream("s", det, det.scorer, alarm_after=3)
@@ -251,7 +251,7 @@ def test_channels_of_one_input_go_to_their_own_streams():
             super().__init__("three", RATE)
             self._chunks = [frames[i : i + 1000] for i in range(0, 8000, 1000)]
 
-        def read(self):
+        def _read(self):
             return Chunk(self._chunks.pop(0)) if self._chunks else None
 
     streams = [Stream(f"c{c}", det, det.scorer) for c in (2, 0)]

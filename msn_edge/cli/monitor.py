@@ -280,7 +280,11 @@ def monitor(
         if enroll_minutes is not None:  # before any sink: a failed enrollment publishes nothing
             notifier.ready(f"enrolling {kw['group']} for {enroll_minutes:g} min")
             config, opened, _ = enroll_first_config(
-                config, stack, enroll_minutes, stop_on_signals=_stop_on_signals
+                config,
+                stack,
+                enroll_minutes,
+                stop_on_signals=_stop_on_signals,
+                tick=notifier.ping,
             )
         sinks: list[Callable[[dict], None]] = [
             stack.enter_context(contextlib.closing(EventSink(events_file=config.events_file)))
