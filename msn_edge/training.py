@@ -223,7 +223,12 @@ def train(
     try:
         with sigterm_as_interrupt(), _quiet_unless(ddp.main):
             run = _Run(ddp, dev, Path(run_dir), config, progress and ddp.main)
-            return run.fit(data_roots, resume=resume, aux=aux, fit_scoring=fit_scoring)
+            result = run.fit(data_roots, resume=resume, aux=aux, fit_scoring=fit_scoring)
+        if ddp.world > 1 and not result.interrupted:
+            # Leave together: rank 0 still fits the scoring when the others are done, and a
+            # gloo peer torn down under a live one can abort the process at exit.
+            dist.barrier()
+        return result
     finally:
         if ddp.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
