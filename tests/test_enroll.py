@@ -575,9 +575,11 @@ def test_monitor_enroll_first_pings_the_watchdog_while_it_listens(toy, tmp_path)
         server.close()
     assert messages[0] == "READY=1\nSTATUS=enrolling m for 0.5 min"
     monitoring = messages.index("READY=1\nSTATUS=monitoring 1 stream(s)")
-    # A ping may go every 1 us here: one per 0.1 s chunk of the 30 s enrolled (the
-    # non-blocking sender drops one only if this reader falls 10+ messages behind).
-    assert messages[1:monitoring].count("WATCHDOG=1") >= 150
+    # A ping may go every 1 us here, so one is sent per 0.1 s chunk of the 30 s enrolled
+    # (test_source_feed_gives_back... counts the ticks); the sender drops what does not
+    # fit this reader's socket queue (at least 10 datagrams) instead of waiting, so only
+    # a few are sure to arrive. Without pings while listening there would be none.
+    assert messages[1:monitoring].count("WATCHDOG=1") >= 5
     assert set(messages[1:monitoring]) == {"WATCHDOG=1"}
 
 
