@@ -360,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                     for recipe in (args.recipes if system == "msn" else args.recipes[:1])
                 ]
                 for system, recipe in jobs:
-                    log.info("%s, seed %d: %s (%s)", name, seed, system, recipe)
+                    what = system if system == "autoencoder" else f"{system} ({recipe})"
+                    log.info("%s, seed %d: %s", name, seed, what)
                     if system == "autoencoder":
                         outcome = run_autoencoder(data, seed)
                     else:
