@@ -16,7 +16,7 @@ kernels are transposed once here instead of transposing the data per box; every 
 the stem is symmetric in the two spatial axes (square max-pools, stats-pooling over both).
 
 Layouts measured on the whole dcase2020 model, ONNX Runtime 1.32 CPU, 2 threads, on a
-2-core AMD EPYC (Zen 3) VM shared with other jobs; per window, fastest wall time / median
+2-core AMD EPYC (Zen 4, AVX-512) VM shared with other jobs; per window, fastest wall time / median
 CPU time (thread spinning off):
   unfold + index (the training code exported as is)             2922 ms / 1775 ms
   (T, F) spectrogram; per box: gather time rows, slices, concat    79 ms /   85 ms
@@ -41,6 +41,18 @@ reorder to NCHWc: ~30 % of a window's time) were written exactly equivalent (max
   gather saved, and the (31, 3) dilated kernel runs slower per MAC)
   each stem as 64 convs of 4 patches (under the NCHWc block size, so no reorder), summed  23.0 ms
   (the 63 Adds per box are not fused into the convs, and the narrow convs run slower)
+
+Gathering straight into the blocked layout, so that ONNX Runtime needs no reorder, works
+only where its block (8 channels with AVX2, 16 with AVX-512) equals N_f. With the stem's
+input channels put in time-major order (block = the 8 frequency positions of one time
+position), two gathers write (B, N_t, w, h, N_f), which *is* NCHWc with block 8; an
+ONNX Runtime-optimised graph with each stem's ReorderInput cut out then ran the whole
+model in 24-27 ms per window against 28-31 ms (batch 8, 2 threads), a ~1.2-1.3x FLOP
+bound. This machine's block is 16, though, where that data is read wrongly, and a block
+of 16 channels cannot come from contiguous runs: with N_f = 8 it needs two time positions,
+and the clamped last start breaks any constant pairing. Gathering rows of 8 floats into
+the 16-block layout took 2.0 ms per window for the largest box against 0.9 ms for this
+layout's row gather, as much as the gather and reorder it would replace.
 """
 
 from __future__ import annotations

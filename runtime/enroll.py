@@ -320,7 +320,8 @@ def enroll_first(
     (beside the old one). Returns it and how many samples of `source` it took: monitoring
     picks up there, with the rest of the last chunk (given back to `source`).
 
-    `tick` is called after every chunk read (the watchdog ping: enrolling takes minutes).
+    `tick` is called after every chunk read and while a vanished device is reopened (the
+    watchdog ping: enrolling takes minutes).
     """
     parent = detector.bundle
     out = out or enrolled_path(parent.path, group)

@@ -126,7 +126,8 @@ def source_feed(
     A break in the stream (an overrun, a device that came back) starts a new segment, as
     in the monitor: no window straddles a gap. The audio of the last chunk beyond
     `max_seconds` goes back to the source (`Source.unread`), for whoever reads on.
-    `tick` is called after every chunk (`monitor --enroll-first`: the watchdog ping).
+    `tick` is called after every chunk and while a live device has none to give, e.g.
+    while it is reopened (`monitor --enroll-first`: the watchdog ping).
     """
     stats = FeedStats()
     rate = frontend.sample_rate
@@ -138,7 +139,7 @@ def source_feed(
         windower = Windower(frontend.window_samples, hop)
         segment = 0
         while budget is None or windower.position < budget:
-            chunk = source.read()
+            chunk = source.read(idle=tick)  # a device being reopened gives no chunks
             if tick is not None:
                 tick()
             if chunk is None:

@@ -66,16 +66,20 @@ class Source:
         self._stats_lock = threading.Lock()  # a capture thread updates stats
         self._stopping = False
         self._unread: Chunk | None = None
+        self._idle: Callable[[], None] | None = None  # read()'s hook while nothing comes
 
     def snapshot(self) -> SourceStats:
         """A consistent copy of the counters, safe to take from any thread."""
         with self._stats_lock:
             return replace(self.stats)
 
-    def read(self) -> Chunk | None:
+    def read(self, idle: Callable[[], None] | None = None) -> Chunk | None:
+        """The next chunk. `idle` is called while a live device has none to give (it is
+        being reopened, say), so that a caller waiting here can still ping a watchdog."""
         if self._unread is not None and not self._stopping:
             chunk, self._unread = self._unread, None
             return chunk
+        self._idle = idle
         return self._read()
 
     def _read(self) -> Chunk | None:
@@ -268,6 +272,8 @@ class LiveSource(Source):
             try:
                 item = self._queue.get(timeout=POLL_S)
             except queue.Empty:
+                if self._idle is not None:
+                    self._idle()
                 continue
             if item is _END:
                 return None

@@ -494,3 +494,37 @@ def test_portaudio_without_the_restart_functions_still_opens(monkeypatch):
     assert sd.restarts == 0 and reader.read().size > 0
     reader.close()
     assert portaudio.PORTAUDIO_STREAMS.count == 0
+
+
+def test_a_read_waiting_for_a_vanished_device_calls_its_idle_hook():
+    """`monitor --enroll-first` pings the watchdog through this hook: a device that is
+    being reopened must not look like a hung monitor."""
+    feed = {"pos": 0, "end": 1_000, "chunk": 100}
+    back = threading.Event()
+    attempts = []
+
+    def opener():
+        attempts.append(True)
+        if len(attempts) == 1:
+            return FakeReader(feed, fail_after=1)  # one chunk, then unplugged
+        if not back.is_set():
+            raise DeviceError("no such device")
+        return FakeReader(feed)
+
+    idles = []
+
+    def idle():
+        idles.append(time.monotonic())
+        if len(idles) == 3:
+            back.set()  # plugged in again after three idle polls
+
+    unplugged_too_long = threading.Timer(5.0, back.set)  # without idle calls: fail, not hang
+    unplugged_too_long.start()
+    with LiveSource("fake", RATE, opener, backoff=FAST) as src:
+        first = src.read(idle=idle)
+        resumed = src.read(idle=idle)
+    unplugged_too_long.cancel()
+    assert len(first.samples) == 100 and not first.resumed
+    assert resumed.resumed and src.stats.reconnects == 1
+    assert len(idles) >= 3  # called while nothing came, not only once
+    np.testing.assert_array_equal(resumed.samples, counter(100, start=100))
