@@ -29,6 +29,7 @@ from msn_edge.export.report import ExportReport, int8_report, json_safe, latenci
 from msn_edge.export.trt_support import tensorrt_problems
 from msn_edge.prototypes import Scoring, load_scoring, score_embeddings
 from msn_edge.runtime.bundle import MODEL_MEMBERS, is_bundle_file, write_bundle
+from msn_edge.runtime.cpu_features import x86_without_vnni
 from msn_edge.runtime.engines import check_precision
 from msn_edge.runtime.errors import DatasetError, MsnEdgeError
 from msn_edge.runtime.frontend import FrontendConfig, fit_window
@@ -204,6 +205,12 @@ def export_bundle(run_path: str | Path, out: str | Path, options: ExportOptions)
             threads=options.threads,
         )
         int8 = twins.models
+        if x86_without_vnni():
+            log.warning(
+                "this CPU has no VNNI: ONNX Runtime's int8 products saturate with the "
+                "TensorRT model's 8-bit weights, so its figures here understate it (the CPU "
+                "int8 model has 7-bit weights and is computed exactly)"
+            )
         window = (real or calib)[0]
         ms = latencies_ms({"fp32": fp32, **int8}, window, frontend, options.threads)
         report.int8 = int8_report(

@@ -14,7 +14,14 @@ export writes two models from the same calibration data:
   negative, so the asymmetric range also spends all 256 levels on real values (min cosine
   to fp32 0.986 against 0.966).
 
-Weights are symmetric int8 per output channel in both. Activation ranges are calibrated on
+Weights are symmetric int8 per output channel in both; the CPU model's use 7 bits
+([-64, 64]). x86 CPUs without VNNI (SSE4.1, AVX2, AVX-512 before VNNI: Atoms before
+Gracemont, desktop Core up to the 10th generation, AMD Zen 2 and 3) sum pairs of u8 x s8
+products in a saturating 16-bit intermediate: 2 x 255 x 127 overflows it and the scores
+come out wrong, 2 x 255 x 64 does not. (ONNX Runtime's own remedy, the session entry
+`session.x64quantprecision`, fails to load these models in 1.32: the scanning boxes share
+one encoder's weights.) The model records its weight bits; the runtime refuses an 8-bit
+CPU model on such a CPU (runtime/cpu_features.py). Activation ranges are calibrated on
 features of normal training clips, the data the model will see in the field.
 """
 
@@ -32,6 +39,7 @@ import numpy as np
 import onnx
 
 from msn_edge.export.parity import ParityReport, compare, cpu_engine, engine_embed
+from msn_edge.runtime.cpu_features import WEIGHT_BITS_KEY
 from msn_edge.runtime.frontend import FrontendConfig, features
 
 log = logging.getLogger(__name__)
@@ -54,6 +62,11 @@ class Int8Config:
     # 0.946 with percentile, 0.923 with min-max).
     calibrate_method: str = "Percentile"
     batch_size: int = 4  # most calibration windows per ONNX Runtime call
+
+    @property
+    def weight_bits(self) -> int:
+        """7 for the CPU model: no u8 x s8 pair can saturate a 16-bit sum (see above)."""
+        return 7 if self.target == "cpu" else 8
 
 
 @contextlib.contextmanager
@@ -130,6 +143,7 @@ def quantize_int8(
                 quant_format=q.QuantFormat.QDQ,
                 op_types_to_quantize=list(config.op_types),
                 per_channel=config.per_channel,
+                reduce_range=config.weight_bits == 7,  # onnxruntime's name for 7-bit weights
                 activation_type=q.QuantType.QInt8 if for_tensorrt else q.QuantType.QUInt8,
                 weight_type=q.QuantType.QInt8,
                 calibrate_method=q.CalibrationMethod[config.calibrate_method],
@@ -152,7 +166,11 @@ def quantize_int8(
     onnx.helper.set_model_props(
         model,
         {p.key: p.value for p in fp32.metadata_props}
-        | {"precision": "int8", "int8_target": config.target},
+        | {
+            "precision": "int8",
+            "int8_target": config.target,
+            WEIGHT_BITS_KEY: str(config.weight_bits),
+        },
     )
     onnx.checker.check_model(model, full_check=True)
     return model

@@ -19,6 +19,7 @@ import numpy as np
 
 from msn_edge.runtime import ort_install
 from msn_edge.runtime.bundle import Bundle
+from msn_edge.runtime.cpu_features import WEIGHT_BITS_KEY, int8_refusal
 from msn_edge.runtime.engine_cache import DEFAULT_MAX_BATCH
 from msn_edge.runtime.errors import BackendError
 from msn_edge.runtime.gpu import (
@@ -137,6 +138,7 @@ class OrtEngine(Engine):
             )
         self._spec_name, self._spectrum_name = by_rank[3], by_rank[2]
         self._output_name = self._session.get_outputs()[0].name
+        self.metadata = dict(self._session.get_modelmeta().custom_metadata_map)
 
     @property
     def input_shapes(self) -> tuple[list, list]:
@@ -362,6 +364,10 @@ def make_engine(
                 "onnxruntime-gpu"
             )
         engine.name = next(b for b, p in ORT_PROVIDERS.items() if p == active)
+    if engine.name == "cpu" and precision == "int8":
+        why = int8_refusal(engine.metadata.get(WEIGHT_BITS_KEY))
+        if why:
+            raise BackendError(f"{bundle.path}: {why}")
     log.info(
         "inference backend: %s (onnxruntime %s, %s)%s",
         engine.name,

@@ -26,13 +26,6 @@ LOG_ERRORS_ONLY = 3  # ORT severity: 0 verbose ... 3 error; keep stderr for our 
 # busy for 20 ms pauses, half of one for 100 ms; with 20 ms pauses two sessions timed in
 # turn each ran ~1.8x slower than alone). For timings only (bench, the export's report).
 ORT_THREADS_IDLE_S = 0.2
-# x86 CPUs without VNNI (SSE4.1, AVX2, AVX-512 before VNNI: e.g. Atoms before Gracemont,
-# desktop Core up to the 10th generation, AMD Zen 2 and 3) multiply u8 x s8 through a
-# 16-bit intermediate that saturates: an int8 model's scores there come out wrong, not
-# just less exact. This entry makes ONNX Runtime run such integer products as u8 x u8 on
-# those CPUs only (weights outside [-64, 64]); on CPUs with VNNI, on ARM and for float
-# models it changes nothing.
-EXACT_INT8_ON_X86 = ("session.x64quantprecision", "1")
 
 
 def session_options(
@@ -61,7 +54,6 @@ def session_options(
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = log_level
-    opts.add_session_config_entry(*EXACT_INT8_ON_X86)
     if profile_prefix is not None:
         opts.enable_profiling = True
         opts.profile_file_prefix = str(profile_prefix)

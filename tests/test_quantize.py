@@ -10,8 +10,11 @@ from msn_edge.checkpoint import load_checkpoint
 from msn_edge.export.pack import int8_not_recommended
 from msn_edge.export.parity import cpu_engine, engine_embed, synthetic_windows
 from msn_edge.export.quantize import Int8Config, quantize_int8
-from msn_edge.runtime.bundle import read_bundle
+from msn_edge.runtime import cpu_features
+from msn_edge.runtime.bundle import read_bundle, write_bundle
+from msn_edge.runtime.cpu_features import WEIGHT_BITS_KEY
 from msn_edge.runtime.engines import make_engine
+from msn_edge.runtime.errors import BackendError
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +72,46 @@ def test_cpu_int8_has_uint8_activations_with_zero_points(exported):
     assert 0 in values and len(values) > 2, values
     assert all(z.dtype == np.int8 and not z.any() for z in weights)  # weights stay symmetric
     assert per_channel > 10
+
+
+@pytest.mark.slow  # reads the shared --int8 export (export_helpers.exported_bundle)
+def test_cpu_int8_weights_have_7_bits_and_say_so(exported):
+    """2 x 255 x 64 fits the 16-bit sum of x86 CPUs without VNNI; 2 x 255 x 127 does not."""
+    bits = {}
+    for member in ("model.int8-cpu.onnx", "model.int8.onnx"):
+        model = onnx.load_from_string(exported.member(member))
+        consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        stored = [
+            consts[n.input[0]]
+            for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in consts
+        ]
+        bits[member] = (
+            max(int(np.abs(w.astype(np.int16)).max()) for w in stored),
+            {p.key: p.value for p in model.metadata_props}[WEIGHT_BITS_KEY],
+        )
+    assert bits["model.int8-cpu.onnx"] == (64, "7")
+    assert bits["model.int8.onnx"] == (127, "8")  # TensorRT: GPUs do not saturate
+
+
+@pytest.mark.slow  # reads the shared --int8 export (export_helpers.exported_bundle)
+def test_an_8_bit_cpu_int8_model_is_refused_on_an_x86_without_vnni(exported, tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_features, "x86_without_vnni", lambda **_: True)
+    bundle = read_bundle(exported.bundle)
+    make_engine(bundle, "cpu", precision="int8")  # 7-bit weights: fine on any CPU
+    # A bundle with only the TensorRT form (8-bit weights) makes the CPU run that one.
+    old = write_bundle(
+        tmp_path / "tensorrt_only.msn",
+        model_onnx=bundle.model_bytes("fp32"),
+        model_int8_onnx=bundle.model_bytes("int8"),
+        prototypes=bundle.prototypes,
+        groups=bundle.groups,
+        frontend=bundle.frontend,
+        trained_on=bundle.manifest["trained_on"],
+    )
+    with pytest.raises(BackendError, match="no VNNI.*scores would be wrong"):
+        make_engine(read_bundle(old), "cpu", precision="int8")
+    make_engine(read_bundle(old), "cpu", precision="fp32")  # fp32 is never refused
 
 
 @pytest.mark.parametrize("variant", ["int8", "int8-cpu"])
