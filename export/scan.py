@@ -48,7 +48,8 @@ input channels put in time-major order (block = the 8 frequency positions of one
 position), two gathers write (B, N_t, w, h, N_f), which *is* NCHWc with block 8; an
 ONNX Runtime-optimised graph with each stem's ReorderInput cut out then ran the whole
 model in 24-27 ms per window against 28-31 ms (batch 8, 2 threads), a ~1.2-1.3x FLOP
-bound. This machine's block is 16, though, where that data is read wrongly, and a block
+bound. This machine's block is 16, though, where that data is read wrongly (the stems'
+outputs differed), so the timing shows the pass saved, not a working model; and a block
 of 16 channels cannot come from contiguous runs: with N_f = 8 it needs two time positions,
 and the clamped last start breaks any constant pairing. Gathering rows of 8 floats into
 the 16-block layout took 2.0 ms per window for the largest box against 0.9 ms for this
