@@ -3,10 +3,12 @@
 import numpy as np
 import onnx
 import pytest
+from click.testing import CliRunner
 from export_helpers import exported_bundle
 from onnx import numpy_helper
 
 from msn_edge.checkpoint import load_checkpoint
+from msn_edge.cli import main
 from msn_edge.export.pack import int8_not_recommended
 from msn_edge.export.parity import cpu_engine, engine_embed, synthetic_windows
 from msn_edge.export.quantize import Int8Config, quantize_int8
@@ -112,6 +114,13 @@ def test_an_8_bit_cpu_int8_model_is_refused_on_an_x86_without_vnni(exported, tmp
     with pytest.raises(BackendError, match="no VNNI.*scores would be wrong"):
         make_engine(read_bundle(old), "cpu", precision="int8")
     make_engine(read_bundle(old), "cpu", precision="fp32")  # fp32 is never refused
+    # What a technician sees: one line, no traceback, no score, a failing exit status.
+    clip = next((exported.data / "fan" / "test").glob("*.wav"))
+    args = ["score", str(old), str(clip), "--backend", "cpu", "--precision", "int8"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0
+    assert "no VNNI" in result.stderr and "Traceback" not in result.output
+    assert result.stdout == ""
 
 
 @pytest.mark.parametrize("variant", ["int8", "int8-cpu"])
