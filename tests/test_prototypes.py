@@ -71,7 +71,8 @@ def test_training_embeddings_score_zero():
     assert (fan.start, fan.stop, valve.start, valve.stop) == (0, 20, 20, 30)
     scores = score_embeddings(scoring, emb, groups)
     np.testing.assert_allclose(scores[60:], 0.0, atol=1e-5)  # target rows and small group
-    assert scores[:60].max() > 0.01  # 60 source clips share 16 centroids
+    # 60 source clips share 16 centroids: only a cluster of one can sit on its centroid.
+    assert (scores[:60] > 1e-4).sum() >= 60 - 16
     # Scored against their own group only: valve rows are far from fan's prototypes.
     assert anomaly_scores(emb[64:], scoring.prototypes_of("fan/section_00")).min() > 1e-3
 
@@ -95,11 +96,11 @@ def test_threshold_is_a_quantile_of_held_out_clips_only():
     cal = g.calibration
     assert cal["method"] == "holdout"
     assert (cal["n_clips"], cal["n_fit"]) == (n // 5, n - n // 5)
-    # Every fit clip is its own prototype and scores 0: a held-out clip among them would
-    # have made the smallest calibration score 0.
-    assert cal["score_min"] > 0.05
+    # Every fit clip is its own prototype and scores 0, so the calibration scores are
+    # exactly those of the held-out clips against the others: none of them was fit on.
     held = split_holdout(domains, ONE_PROTOTYPE_PER_CLIP.calibration_fraction, seed=7)
     expected = anomaly_scores(emb[held], emb[~held])
+    assert cal["score_min"] == pytest.approx(expected.min(), abs=1e-6)
     assert g.threshold == pytest.approx(np.quantile(expected, 0.95), abs=1e-6)
     assert cal["score_max"] == pytest.approx(expected.max(), abs=1e-6)
     # The final prototypes are refit on every clip.
