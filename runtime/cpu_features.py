@@ -34,9 +34,11 @@ def x86_without_vnni(cpuinfo: Path = CPUINFO, machine: str | None = None) -> boo
     return not flags & VNNI_FLAGS
 
 
-def int8_refusal(weight_bits: str | None, **cpu) -> str | None:
+def int8_refusal(
+    weight_bits: str | None, cpuinfo: Path = CPUINFO, machine: str | None = None
+) -> str | None:
     """Why this CPU would compute a CPU int8 model with `weight_bits` wrongly, or None."""
-    if weight_bits == SAFE_WEIGHT_BITS or not x86_without_vnni(**cpu):
+    if weight_bits == SAFE_WEIGHT_BITS or not x86_without_vnni(cpuinfo, machine):
         return None
     return (
         "this x86 CPU has no VNNI, and with the model's 8-bit weights ONNX Runtime's int8 "

@@ -98,7 +98,7 @@ def test_cpu_int8_weights_have_7_bits_and_say_so(exported):
 
 @pytest.mark.slow  # reads the shared --int8 export (export_helpers.exported_bundle)
 def test_an_8_bit_cpu_int8_model_is_refused_on_an_x86_without_vnni(exported, tmp_path, monkeypatch):
-    monkeypatch.setattr(cpu_features, "x86_without_vnni", lambda **_: True)
+    monkeypatch.setattr(cpu_features, "x86_without_vnni", lambda *_: True)
     bundle = read_bundle(exported.bundle)
     make_engine(bundle, "cpu", precision="int8")  # 7-bit weights: fine on any CPU
     # A bundle with only the TensorRT form (8-bit weights) makes the CPU run that one.
